@@ -1,0 +1,37 @@
+# Set-up and the few commands a user needs. `make install` is incremental: a second run with
+# nothing changed only checks a stamp file.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install test test-fast demo lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(VENV)/bin/sae_bench demo
+
+lint: install
+	$(VENV)/bin/ruff check csae_plugin evals tests examples
+	$(VENV)/bin/ruff format --check csae_plugin evals tests examples
+
+format: install
+	$(VENV)/bin/ruff format csae_plugin evals tests examples
+	$(VENV)/bin/ruff check --fix csae_plugin evals tests examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
