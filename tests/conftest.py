@@ -55,3 +55,28 @@ def tiny_tokens() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def tiny_dataset(tiny_tokens: torch.Tensor) -> Dataset:
     return Dataset.from_dict({"input_ids": tiny_tokens.tolist()})
+
+
+def runner_config(sae_cfg, output_path=None, training_tokens: int = 16 * 256, seed: int = 0, **kw):
+    """A SAELens runner config for the tiny model, offline (no wandb, no hub)."""
+    from sae_lens import LanguageModelSAERunnerConfig
+    from sae_lens.config import LoggingConfig
+
+    return LanguageModelSAERunnerConfig(
+        sae=sae_cfg,
+        model_name="tiny",
+        hook_name=kw.pop("hook_name", "blocks.0.hook_resid_post"),
+        dataset_path="tiny",
+        is_dataset_tokenized=True,
+        context_size=N_CTX,
+        training_tokens=training_tokens,
+        train_batch_size_tokens=64,
+        store_batch_size_prompts=8,
+        n_batches_in_buffer=4,
+        logger=LoggingConfig(log_to_wandb=False),
+        output_path=None if output_path is None else str(output_path),
+        checkpoint_path=None,
+        exclude_special_tokens=[BOS],
+        seed=seed,
+        **kw,
+    )

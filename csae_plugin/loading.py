@@ -1,0 +1,77 @@
+"""Load any SAELens SAE from a local folder or a SAELens release, with one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sae_lens import SAE
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.registry import SAE_CLASS_REGISTRY
+
+
+class SAELoadError(ValueError):
+    """An SAE could not be loaded; the message says why and what to do."""
+
+
+def _check_architecture(architecture: str, where: str) -> None:
+    if architecture in SAE_CLASS_REGISTRY:
+        return
+    if architecture == "causal":
+        raise SAELoadError(
+            f"{where} is a causal SAE, which SAELens only knows after `import csae_plugin`; "
+            "import it before loading"
+        )
+    known = ", ".join(sorted(SAE_CLASS_REGISTRY))
+    raise SAELoadError(f"{where} has unknown architecture {architecture!r} (known: {known})")
+
+
+def load_sae_from_folder(path: str | Path, device: str = "cpu") -> SAE:
+    """Load a saved SAE folder (``cfg.json`` + ``sae_weights.safetensors``)."""
+    folder = Path(path)
+    cfg_path = folder / SAE_CFG_FILENAME
+    if not folder.is_dir():
+        raise SAELoadError(f"SAE folder {str(folder)!r} does not exist; pass a saved SAE folder")
+    if not cfg_path.is_file() or not (folder / SAE_WEIGHTS_FILENAME).is_file():
+        raise SAELoadError(
+            f"{str(folder)!r} is not a saved SAE: it needs {SAE_CFG_FILENAME} and "
+            f"{SAE_WEIGHTS_FILENAME} (as written by SAE.save_model)"
+        )
+    try:
+        architecture = json.loads(cfg_path.read_text()).get("architecture", "standard")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise SAELoadError(f"{str(cfg_path)!r} is corrupt ({err}); re-save the SAE") from err
+    _check_architecture(architecture, f"SAE folder {str(folder)!r}")
+    try:
+        return SAE.load_from_disk(folder, device=device)
+    except Exception as err:  # safetensors/torch raise many types for a damaged file
+        raise SAELoadError(
+            f"SAE folder {str(folder)!r} could not be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160]}); re-save the SAE"
+        ) from err
+
+
+def load_sae(spec: str, device: str = "cpu") -> tuple[SAE, str, str]:
+    """Load an SAE given as a local folder or as ``release/sae_id`` (or ``release:sae_id``).
+
+    Returns the SAE and the (release, sae_id) pair that names its result files, as SAEBench does.
+    """
+    folder = Path(spec)
+    if folder.exists() or spec.startswith((".", "/", "~")):
+        sae = load_sae_from_folder(folder.expanduser(), device=device)
+        return sae, "local", folder.expanduser().resolve().name
+    release, sep, sae_id = spec.partition(":") if ":" in spec else spec.partition("/")
+    if not sep or not sae_id:
+        raise SAELoadError(
+            f"SAE {spec!r} is neither an existing folder nor 'release:sae_id'; "
+            "pass a saved SAE folder or a SAELens release and id"
+        )
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device=device)
+    except Exception as err:
+        raise SAELoadError(
+            f"SAELens release {release!r} / id {sae_id!r} could not be loaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+            "offline, pass a saved SAE folder instead"
+        ) from err
+    return sae, release, sae_id

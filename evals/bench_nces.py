@@ -1,0 +1,351 @@
+"""Benchmark: the batched NCES engine against the naive reference, same work, one run.
+
+Both evaluate the same latents on the same sequences with the same null directions and
+resample draws; the script reports latent-evaluations per second of each, their ratio, the
+largest differences between their numbers, and peak memory of the engine for N and 2N latents
+(it must not grow). Results go to ``evals/results/bench_nces_<device>.json``.
+
+The SAE is a SAELens TopK SAE (k=32) initialised from data, not trained: each decoder row is
+a reference activation minus the mean activation, normalised, the encoder is its transpose,
+``b_dec`` is the mean activation. Every token then fires its k best-matching latents, so
+latents fire on realistic subsets of tokens. Only speed is measured here, not SAE quality.
+
+    python evals/bench_nces.py                  # Gemma 3 270M, blocks.6.hook_resid_post
+    python evals/bench_nces.py --model tiny     # in-process tiny model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from sae_lens import TopKSAE, TopKSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from csae_plugin import interventions as iv
+
+RESULTS = Path(__file__).parent / "results"
+TARGET_SPEEDUP = 5.0
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every few milliseconds."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.process = psutil.Process()
+        self.peak_bytes = 0
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.process.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.peak_bytes = self.peak - self.base
+
+
+def tiny_setup(context_size: int) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, int]:
+    """A 3-layer random model and random tokens (BOS = 0 first): a seconds-long smoke run."""
+    cfg = HookedTransformerConfig(
+        n_layers=3,
+        d_model=64,
+        n_heads=4,
+        d_head=16,
+        d_vocab=512,
+        n_ctx=max(context_size, 32),
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
+    model = HookedTransformer(cfg)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, cfg.d_vocab, (256, context_size), generator=gen)
+    tokens[:, 0] = 0
+    return model, tokens[:128], tokens[128:], 0
+
+
+def gemma_setup(
+    device: str, context_size: int
+) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, int]:
+    """The embedded Gemma 3 270M and the embedded stdlib-documentation corpus."""
+    from csae_plugin.data import corpus_splits
+    from csae_plugin.models import load_model
+
+    model = load_model("gemma-3-270m", device=device)
+    splits = corpus_splits(model.tokenizer, context_size)
+    return model, splits.train, splits.eval, model.tokenizer.bos_token_id
+
+
+def data_initialised_topk(
+    model: HookedTransformer,
+    hook: str,
+    tokens: torch.Tensor,
+    d_sae: int,
+    k: int,
+    seed: int = 0,
+) -> TopKSAE:
+    """A TopK SAE whose decoder rows are centred, normalised activations of ``tokens``."""
+    acts = []
+    with torch.no_grad():
+        for batch in tokens.to(model.cfg.device).split(8):
+            model.run_with_hooks(
+                batch,
+                return_type=None,
+                fwd_hooks=[(hook, lambda act, hook: acts.append(act.detach()))],
+            )
+    x = torch.cat(acts)
+    x = x.reshape(x.shape[0], x.shape[1], -1)[:, 1:].reshape(-1, x[0].numel() // x.shape[1])
+    if x.shape[0] < d_sae:
+        raise ValueError(
+            f"need at least d_sae={d_sae} tokens to initialise the SAE, got {x.shape[0]}"
+        )
+    mean = x.mean(0)
+    gen = torch.Generator().manual_seed(seed)
+    rows = x[torch.randperm(x.shape[0], generator=gen)[:d_sae]] - mean
+    w_dec = rows / rows.norm(dim=1, keepdim=True)
+    cfg = TopKSAEConfig(
+        d_in=x.shape[1],
+        d_sae=d_sae,
+        k=k,
+        device=str(model.cfg.device),
+        metadata=SAEMetadata(hook_name=hook),
+    )
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        sae.W_dec.copy_(w_dec)
+        sae.W_enc.copy_(w_dec.T)
+        sae.b_enc.zero_()
+        sae.b_dec.copy_(mean)
+    return sae
+
+
+def run_naive(model, sae, tokens, effects, stats, seed, bos_token_id):
+    """The naive reference on the engine's exact pairs and draws: (effect, null, seconds)."""
+    effect = np.full(effects.effect.shape, np.nan)
+    null = np.full(effects.null_per_draw.shape, np.nan)
+    start = time.perf_counter()
+    for li, latent in enumerate(effects.latents):
+        dirs = iv.latent_null_directions(stats, int(latent), effects.null_draws, seed)
+        for j, row in enumerate(effects.sequences[li]):
+            if row < 0:
+                continue
+            values = iv.resample_values(stats, int(latent), int(row), tokens.shape[1], seed)
+            effect[li, j], null[li, j] = iv.naive_latent_effect(
+                model,
+                sae,
+                tokens[row],
+                int(latent),
+                stats,
+                intervention=effects.intervention,
+                alpha=effects.alpha,
+                null_dirs=dirs,
+                resample_values=values,
+                bos_token_id=bos_token_id,
+            )
+    return effect, null, time.perf_counter() - start
+
+
+class FastUnembed:
+    """Temporarily unembed with ``h @ W_U + b_U`` instead of TransformerLens's Unembed, which
+    copies ``W_U.T`` (671 MB for Gemma 3) on every forward: a naive reference without that cost,
+    so the speedup is also reported for the algorithm alone."""
+
+    def __init__(self, model: HookedTransformer):
+        self.unembed = model.unembed
+
+    def _forward(self, residual: torch.Tensor) -> torch.Tensor:
+        flat = residual.reshape(-1, residual.shape[-1])
+        out = torch.addmm(self.unembed.b_U, flat, self.unembed.W_U)
+        return out.reshape(*residual.shape[:-1], -1)
+
+    def __enter__(self) -> FastUnembed:
+        self.unembed.forward = self._forward
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.unembed.forward
+
+
+def timed_engine(model, sae, tokens, latents, stats, args, bos_token_id):
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        effects = iv.latent_effects(
+            model,
+            sae,
+            tokens,
+            latents,
+            stats,
+            intervention=args.intervention,
+            null_draws=args.null_draws,
+            seqs_per_latent=args.seqs_per_latent,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            bos_token_id=bos_token_id,
+            progress=False,
+        )
+        seconds = time.perf_counter() - start
+    return effects, seconds, memory.peak_bytes
+
+
+def differences(engine: np.ndarray, naive: np.ndarray) -> dict[str, float]:
+    both = ~np.isnan(engine) & ~np.isnan(naive)
+    abs_diff = np.abs(engine[both] - naive[both])
+    rel_diff = abs_diff / np.maximum(np.abs(naive[both]), 1e-30)
+    return {
+        "max_abs": float(abs_diff.max()),
+        "max_rel": float(rel_diff.max()),
+        "median_value": float(np.median(np.abs(naive[both]))),
+        "min_value": float(np.abs(naive[both]).min()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gemma-3-270m", choices=["gemma-3-270m", "tiny"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hook", default=None, help="default blocks.6 (gemma) / blocks.1")
+    parser.add_argument("--n-latents", type=int, default=8, help="N (the engine also runs 2N)")
+    parser.add_argument("--seqs-per-latent", type=int, default=4)
+    parser.add_argument("--null-draws", type=int, default=4)
+    parser.add_argument("--context-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32, help="copies per tail forward")
+    parser.add_argument("--intervention", default="zero", choices=list(iv.INTERVENTIONS))
+    parser.add_argument("--d-sae", type=int, default=2048)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--reference-seqs", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+
+    start = time.perf_counter()
+    if args.model == "tiny":
+        model, train, evaluation, bos = tiny_setup(args.context_size)
+    else:
+        model, train, evaluation, bos = gemma_setup(args.device, args.context_size)
+    default_hook = (
+        "blocks.1.hook_resid_post" if args.model == "tiny" else "blocks.6.hook_resid_post"
+    )
+    hook = args.hook or default_hook
+    load_s = time.perf_counter() - start
+    reference = train[: args.reference_seqs]
+    n_init = -(-2 * args.d_sae // (args.context_size - 1))  # twice d_sae non-BOS tokens
+    init_tokens = train[args.reference_seqs : args.reference_seqs + n_init]
+    sae = data_initialised_topk(model, hook, init_tokens, args.d_sae, args.k, args.seed)
+    start = time.perf_counter()
+    stats = iv.reference_stats(model, sae, reference, bos_token_id=bos, seed=args.seed)
+    stats_s = time.perf_counter() - start
+    firing = np.nonzero(stats.firing_freq.numpy() > 0)[0]
+    rng = np.random.default_rng(args.seed)
+    latents = np.sort(rng.choice(firing, size=2 * args.n_latents, replace=False))
+    n = args.n_latents
+
+    small, small_s, small_mem = timed_engine(model, sae, evaluation, latents[:n], stats, args, bos)
+    large, large_s, large_mem = timed_engine(model, sae, evaluation, latents, stats, args, bos)
+    with PeakRSS() as naive_memory:
+        naive_effect, naive_null, naive_s = run_naive(
+            model, sae, evaluation, small, stats, args.seed, bos
+        )
+
+    with FastUnembed(model):
+        fast_effect, fast_null, fast_s = run_naive(
+            model, sae, evaluation, small, stats, args.seed, bos
+        )
+
+    evaluated = int((small.n_sequences > 0).sum())
+    engine_rate = evaluated / small_s
+    naive_rate = evaluated / naive_s
+    speedup = engine_rate / naive_rate
+    result = {
+        "benchmark": "NCES batched engine vs naive reference (one full hooked forward per variant)",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": args.device,
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "model": args.model,
+            "hook": hook,
+            "n_latents": n,
+            "seqs_per_latent": args.seqs_per_latent,
+            "null_draws": args.null_draws,
+            "context_size": args.context_size,
+            "batch_size": args.batch_size,
+            "intervention": args.intervention,
+            "sae": f"TopK d_sae={args.d_sae} k={args.k}, data-initialised (untrained)",
+            "reference_seqs": int(reference.shape[0]),
+            "eval_seqs": int(evaluation.shape[0]),
+            "d_vocab": int(model.cfg.d_vocab),
+            "seed": args.seed,
+        },
+        "latent_evaluations": {
+            "definition": "one latent on seqs_per_latent sequences, 1 real + null_draws null variants each",
+            "latents": evaluated,
+            "sequences_per_latent_min": int(small.n_sequences.min()),
+            "copies_per_latent": int(small.n_sequences.max()) * (1 + args.null_draws),
+            "engine_seconds": small_s,
+            "naive_seconds": naive_s,
+            "engine_per_s": engine_rate,
+            "naive_per_s": naive_rate,
+            "speedup": speedup,
+            "target_speedup": TARGET_SPEEDUP,
+            "target_met": bool(speedup >= TARGET_SPEEDUP),
+            "naive_fast_unembed_seconds": fast_s,
+            "naive_fast_unembed_per_s": evaluated / fast_s,
+            "speedup_vs_naive_fast_unembed": engine_rate / (evaluated / fast_s),
+            "engine_seconds_2n": large_s,
+            "engine_per_s_2n": int((large.n_sequences > 0).sum()) / large_s,
+        },
+        "differences": {
+            "effect": differences(small.effect, naive_effect),
+            "null": differences(small.null_per_draw, naive_null),
+            "naive_fast_unembed_vs_naive": differences(fast_effect, naive_effect),
+        },
+        "peak_memory_mb": {
+            "engine_n_latents": small_mem / 2**20,
+            "engine_2n_latents": large_mem / 2**20,
+            "naive": naive_memory.peak_bytes / 2**20,
+            "measured_as": "peak RSS above the level at the start of the run, sampled every 5 ms",
+        },
+        "setup_seconds": {"model_and_data": load_s, "reference_stats": stats_s},
+        "nces_of_benchmarked_latents": (
+            np.nansum(small.effect, 1) / np.nansum(small.null, 1)
+        ).tolist(),
+    }
+    suffix = "" if args.model == "gemma-3-270m" else f"_{args.model}"
+    out = args.out or RESULTS / f"bench_nces_{args.device}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"written to {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""The batched intervention engine: equal to the naive reference, invariances, the random-decoder
+null, dead latents, memory that does not grow with the number of latents, and input errors."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import (
+    GatedSAE,
+    GatedSAEConfig,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
+from sae_lens.saes.sae import SAEMetadata
+from scipy import stats as scipy_stats
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from csae_plugin import interventions as iv
+from csae_plugin.nces import effects_details
+
+D_MODEL = 32
+D_VOCAB = 100
+N_CTX = 16
+D_SAE = 48
+BOS = 0
+POST = "blocks.0.hook_resid_post"
+PRE = "blocks.1.hook_resid_pre"
+MLP_OUT = "blocks.1.hook_mlp_out"
+SAE_KINDS = ("standard", "topk", "jumprelu", "gated")
+
+
+@functools.cache
+def tiny_model(seed: int = 0) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=3,
+        d_model=D_MODEL,
+        n_heads=4,
+        d_head=8,
+        d_vocab=D_VOCAB,
+        n_ctx=32,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+    )
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+@functools.cache
+def tokens(n_seq: int = 160, seed: int = 0) -> torch.Tensor:
+    """Random token rows with BOS at position 0: rows [0, 64) are reference, the rest eval."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.randint(1, D_VOCAB, (n_seq, N_CTX), generator=gen)
+    out[:, 0] = BOS
+    return out
+
+
+def reference_tokens() -> torch.Tensor:
+    return tokens()[:64]
+
+
+def eval_tokens() -> torch.Tensor:
+    return tokens()[64:]
+
+
+def make_sae(kind: str, hook: str, seed: int = 0, d_in: int = D_MODEL):
+    """An SAELens SAE whose latents fire on the tiny model: W_enc = W_dec.T, negative biases.
+
+    Decoder rows get uneven norms, so TopK's rescale_acts_by_decoder_norm makes the effective
+    direction differ from W_dec[i].
+    """
+    meta = SAEMetadata(hook_name=hook)
+    if kind == "standard":
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=D_SAE, metadata=meta))
+    elif kind == "topk":
+        cfg = TopKSAEConfig(
+            d_in=d_in, d_sae=D_SAE, k=8, rescale_acts_by_decoder_norm=True, metadata=meta
+        )
+        sae = TopKSAE(cfg)
+    elif kind == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=D_SAE, metadata=meta))
+    else:
+        sae = GatedSAE(GatedSAEConfig(d_in=d_in, d_sae=D_SAE, metadata=meta))
+    gen = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(D_SAE, d_in, generator=gen)
+    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        sae.W_enc.copy_(w_dec.T)
+        sae.W_dec.copy_(w_dec * torch.empty(D_SAE, 1).uniform_(0.5, 2.0, generator=gen))
+        if kind == "gated":
+            sae.b_gate.fill_(-0.5)
+            sae.b_mag.fill_(0.1)
+        else:
+            sae.b_enc.fill_(-0.5)
+        if kind == "jumprelu":
+            sae.threshold.fill_(0.1)
+    return sae
+
+
+@functools.cache
+def sae_and_stats(kind: str, hook: str):
+    sae = make_sae(kind, hook)
+    stats = iv.reference_stats(tiny_model(), sae, reference_tokens(), bos_token_id=BOS)
+    return sae, stats
+
+
+def naive_arrays(model, sae, toks, effects, stats, seed: int = 0):
+    """The naive reference on exactly the engine's latents, sequences and random draws."""
+    effect = np.full(effects.effect.shape, np.nan)
+    null = np.full(effects.null_per_draw.shape, np.nan)
+    for li, latent in enumerate(effects.latents):
+        dirs = iv.latent_null_directions(stats, int(latent), effects.null_draws, seed)
+        for j, row in enumerate(effects.sequences[li]):
+            if row < 0:
+                continue
+            values = iv.resample_values(stats, int(latent), int(row), toks.shape[1], seed)
+            effect[li, j], null[li, j] = iv.naive_latent_effect(
+                model,
+                sae,
+                toks[row],
+                int(latent),
+                stats,
+                intervention=effects.intervention,
+                alpha=effects.alpha,
+                null_dirs=dirs,
+                resample_values=values,
+                bos_token_id=BOS,
+            )
+    return effect, null
+
+
+def run_engine(sae, stats, latents, **kw):
+    kw.setdefault("null_draws", 2)
+    kw.setdefault("seqs_per_latent", 2)
+    kw.setdefault("batch_size", 5)
+    return iv.latent_effects(
+        tiny_model(), sae, eval_tokens(), latents, stats, bos_token_id=BOS, progress=False, **kw
+    )
+
+
+# 1. the batched engine equals the naive reference
+@pytest.mark.parametrize("intervention", iv.INTERVENTIONS)
+@pytest.mark.parametrize("hook", [POST, PRE])
+@pytest.mark.parametrize("kind", SAE_KINDS)
+def test_1_engine_equals_naive_reference(kind, hook, intervention):
+    sae, stats = sae_and_stats(kind, hook)
+    effects = run_engine(sae, stats, [0, 5, 11], intervention=intervention, alpha=0.5)
+    assert (effects.n_sequences == 2).all()
+    effect, null = naive_arrays(tiny_model(), sae, eval_tokens(), effects, stats)
+    np.testing.assert_allclose(effects.effect, effect, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(effects.null_per_draw, null, rtol=1e-4, atol=1e-9)
+    assert np.nanmin(effects.effect) > 0 and np.nanmin(effects.null_per_draw) > 0
+
+
+def test_1_engine_equals_naive_reference_inside_a_block():
+    """A hook that is not the residual stream (hook_mlp_out) reruns its block, hooked."""
+    sae, stats = sae_and_stats("standard", MLP_OUT)
+    for intervention in ("zero", "steer"):
+        effects = run_engine(sae, stats, [1, 2], intervention=intervention)
+        effect, null = naive_arrays(tiny_model(), sae, eval_tokens(), effects, stats)
+        np.testing.assert_allclose(effects.effect, effect, rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(effects.null_per_draw, null, rtol=1e-4, atol=1e-9)
+
+
+# 2. an intervention that changes nothing has zero effect
+def test_2_inert_interventions_have_zero_effect():
+    sae, stats = sae_and_stats("standard", POST)
+    silent = make_sae("standard", POST)
+    with torch.no_grad():
+        silent.W_dec[3] = 0.0  # latent 3 still fires but writes nothing
+    zero = run_engine(silent, stats, [3], intervention="zero")
+    no_steer = run_engine(sae, stats, [3], intervention="steer", alpha=0.0)
+    for effects in (zero, no_steer):
+        assert effects.n_sequences[0] == 2
+        assert np.nanmax(effects.effect) == 0.0 and np.nanmax(effects.null_per_draw) == 0.0
+    assert np.isnan(effects_details(zero)["nces"][0])  # 0 / 0: undefined, never verified
+
+
+# 3. rescaling a latent's encoder by 1/c and decoder by c leaves its NCES unchanged
+@pytest.mark.parametrize("intervention", ["zero", "mean"])
+def test_3_nces_is_invariant_to_latent_rescaling(intervention):
+    sae, stats = sae_and_stats("standard", POST)
+    scaled = make_sae("standard", POST)
+    c = 7.0
+    with torch.no_grad():
+        scaled.W_enc[:, 4] /= c
+        scaled.b_enc[4] /= c
+        scaled.W_dec[4] *= c
+    scaled_stats = iv.reference_stats(tiny_model(), scaled, reference_tokens(), bos_token_id=BOS)
+    kw = {"intervention": intervention, "null_draws": 4, "seqs_per_latent": 4}
+    base = effects_details(run_engine(sae, stats, [4], **kw))
+    rescaled = effects_details(run_engine(scaled, scaled_stats, [4], **kw))
+    assert base["nces"][0] > 0
+    np.testing.assert_allclose(rescaled["nces"], base["nces"], rtol=1e-4)
+    np.testing.assert_allclose(rescaled["effect_kl"], base["effect_kl"], rtol=1e-4)
+
+
+# 4. decoder rows drawn from N(0, Sigma): NCES near 1, no more verified than the FDR allows
+def test_4_random_covariance_decoder_is_not_verified():
+    """Decoder rows ~ N(0, Sigma), independent of a random encoder: each latent's direction is
+    exchangeable with its null draws, so NCES should scatter around 1. Measured here, log NCES
+    spreads across latents with sd ~0.27, so the median of 48 latents has a standard error
+    ~0.05 on the log scale: [0.8, 1.25] is about +-4.5 standard errors.
+    Raw p-values must be calibrated: at most the 99.9% binomial quantile Binom(48, 0.05) = 8
+    below 0.05. Under this global null BH makes any discovery with probability <= 0.05, so at
+    most 1 verified latent is allowed. A per-sequence paired test fails both: on these effects
+    Wilcoxon over sequences gives 13 p-values below 0.05 and 10 BH discoveries.
+    """
+    model = tiny_model()
+    base = make_sae("standard", POST)
+    cov = iv.reference_stats(model, base, reference_tokens(), bos_token_id=BOS).cov_factor
+    gen = torch.Generator().manual_seed(1)
+    sae = make_sae("standard", POST)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(D_SAE, D_MODEL, generator=gen, dtype=torch.float64) @ cov.T)
+        enc = torch.randn(D_MODEL, D_SAE, generator=gen)
+        sae.W_enc.copy_(enc / enc.norm(dim=0))
+        sae.b_enc.fill_(-0.3)
+    stats = iv.reference_stats(model, sae, reference_tokens(), bos_token_id=BOS)
+    n = D_SAE
+    effects = run_engine(
+        sae, stats, range(n), null_draws=8, seqs_per_latent=16, batch_size=48, seed=3
+    )
+    details = effects_details(effects, n_resamples=200)
+    assert not details["dead"].any()
+    assert 0.8 < details["nces"].median() < 1.25
+    assert (details["p_value"] < 0.05).sum() <= scipy_stats.binom.ppf(0.999, n, 0.05)
+    assert details["verified"].sum() <= 1
+
+
+# 5. a latent that never fires is dead and never verified
+def test_5_never_firing_latent_is_dead():
+    sae = make_sae("standard", POST)
+    with torch.no_grad():
+        sae.b_enc[7] = -1e6
+    stats = iv.reference_stats(tiny_model(), sae, reference_tokens(), bos_token_id=BOS)
+    effects = run_engine(sae, stats, [6, 7])
+    assert effects.n_sequences.tolist() == [2, 0]
+    assert np.isnan(effects.effect[1]).all() and (effects.sequences[1] == -1).all()
+    details = effects_details(effects)
+    assert details["dead"].tolist() == [False, True]
+    assert not details["verified"][1] and np.isnan(details["nces"][1])
+
+
+# 7. peak memory does not grow with the number of latents
+def test_7_largest_tensors_do_not_grow_with_latents(monkeypatch):
+    """Every [rows, d_vocab] tensor is made by the engine's unembedding (``_logits``) and every
+    tail batch enters the last block, so recording those sees the largest intermediates.
+    Doubling the latents must leave both maxima unchanged, within the chunk and batch sizes."""
+    model = tiny_model()
+    sae, stats = sae_and_stats("standard", POST)
+    row_chunk = 40
+    monkeypatch.setattr(iv, "ROW_CHUNK_BYTES", row_chunk * D_VOCAB * 4)
+    seen = {"logits": 0, "block": 0}
+    unembed = iv._logits
+
+    def recording_unembed(model, h):
+        logits = unembed(model, h)
+        seen["logits"] = max(seen["logits"], logits.numel())
+        return logits
+
+    def block_hook(module, inputs):
+        seen["block"] = max(seen["block"], inputs[0].numel())
+
+    monkeypatch.setattr(iv, "_logits", recording_unembed)
+    handle = model.blocks[-1].register_forward_pre_hook(block_hook)
+    maxima = []
+    try:
+        for n_latents in (8, 16):
+            seen.update(logits=0, block=0)
+            run_engine(sae, stats, range(n_latents), null_draws=3, seqs_per_latent=4, batch_size=8)
+            maxima.append(dict(seen))
+    finally:
+        handle.remove()
+    assert maxima[0] == maxima[1]
+    assert maxima[1]["logits"] == row_chunk * D_VOCAB
+    assert maxima[1]["block"] == 8 * N_CTX * D_MODEL
+
+
+def test_7_chunking_does_not_change_the_numbers(monkeypatch):
+    sae, stats = sae_and_stats("topk", POST)
+    whole = run_engine(sae, stats, [0, 1, 2], batch_size=64)
+    monkeypatch.setattr(iv, "ROW_CHUNK_BYTES", 3 * D_VOCAB * 4)
+    monkeypatch.setattr(iv, "CLEAN_CACHE_BYTES", N_CTX * D_VOCAB * 4)
+    chunked = run_engine(sae, stats, [0, 1, 2], batch_size=3)
+    np.testing.assert_allclose(chunked.effect, whole.effect, rtol=1e-5)
+    np.testing.assert_allclose(chunked.null_per_draw, whole.null_per_draw, rtol=1e-5)
+
+
+def test_7_kl_is_accurate_for_tiny_effects():
+    """kl_rows keeps ~1e-12 accuracy where float32 log-softmax differences have ~1e-6 noise."""
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randn(4, 262_144, generator=gen) * 3
+    logits = clean + 1e-3 * torch.randn(4, 262_144, generator=gen) + 5.0  # shift: same dist.
+    exact = torch.nn.functional.kl_div(
+        logits.double().log_softmax(-1),
+        clean.double().log_softmax(-1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
+    assert exact.max() < 1e-5
+    np.testing.assert_allclose(iv.kl_rows(clean, logits), exact, rtol=1e-4, atol=1e-12)
+
+
+# 8. bad inputs raise one-line ValueErrors
+def test_8_bad_inputs_raise_one_line_errors():
+    model = tiny_model()
+    sae, stats = sae_and_stats("standard", POST)
+    toks = eval_tokens()
+
+    def error(**kw) -> str:
+        args = {"model": model, "sae": sae, "tokens": toks, "latents": [0], "stats": stats}
+        args.update(kw)
+        with pytest.raises(ValueError) as info:
+            iv.latent_effects(**args, bos_token_id=BOS, progress=False)
+        message = str(info.value)
+        assert "\n" not in message
+        return message
+
+    assert "unknown intervention 'ablate'; choose one of zero, mean, resample, steer" in error(
+        intervention="ablate"
+    )
+    assert "latent index 48 out of range" in error(latents=[1, 48])
+    assert "latent index -1 out of range" in error(latents=[-1])
+    assert "SAE d_in=16 does not match" in error(sae=make_sae("standard", POST, d_in=16))
+    assert "hook 'blocks.9.hook_resid_post' is not in the model" in error(
+        sae=make_sae("standard", "blocks.9.hook_resid_post")
+    )
+    assert "no tokens" in error(tokens=torch.zeros(0, N_CTX, dtype=torch.long))
+    broken = HookedTransformer(tiny_model().cfg)
+    with torch.no_grad():
+        broken.blocks[0].mlp.W_in.fill_(float("nan"))
+    assert f"model produced NaN activations at {POST}" in error(model=broken)

@@ -1,0 +1,220 @@
+"""Tests for model loading and hook checks (csae_plugin.models).
+
+Fast tests use a tiny GPT-2 saved to a temporary folder and never touch the network; the
+slow tests load the real embedded Gemma 3 270M once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformer_lens import HookedTransformer
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from csae_plugin import models as csae_models
+from csae_plugin.models import ModelLoadError, check_hook, hook_layer, load_model
+
+OFFLINE_HINT = "offline, use 'gemma-3-270m' (embedded) or a local Hugging Face model folder"
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fail every host-name lookup and record it, proving a test makes no network request."""
+    lookups: list[str] = []
+
+    def refuse(host: object, *args: object, **kwargs: object) -> None:
+        lookups.append(str(host))
+        raise socket.gaierror(f"network disabled in this test: {host}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return lookups
+
+
+@pytest.fixture(scope="session")
+def gemma() -> Iterator[HookedTransformer]:
+    """The embedded Gemma 3 270M, loaded once per session (builds the cache on first use)."""
+    yield load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer GPT-2 and a small BPE tokenizer, saved as an HF folder."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(["The capital of Germany is Berlin."] * 10, trainer=trainer)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<bos>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(hf_tokenizer),
+        n_positions=32,
+        n_ctx=32,  # real GPT-2 configs carry it and TransformerLens reads it
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=hf_tokenizer.bos_token_id,
+        eos_token_id=hf_tokenizer.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    hf_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_1_local_folder_loads_without_network_and_matches_hf(
+    tiny_gpt2_folder: Path, no_network: list[str]
+) -> None:
+    model = load_model(str(tiny_gpt2_folder))
+    hf_model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_folder).eval()
+    tokens = model.to_tokens("The capital of Germany is")
+    with torch.no_grad():
+        hooked_logits = model(tokens)
+        hf_logits = hf_model(tokens).logits
+    assert isinstance(model, HookedTransformer)
+    assert model.cfg.n_layers == 2 and model.cfg.original_architecture == "GPT2LMHeadModel"
+    assert (hooked_logits - hf_logits).abs().max().item() < 1e-4
+    assert no_network == []
+
+
+def test_2_unknown_name_fails_at_once_with_offline_hint(no_network: list[str]) -> None:
+    start = time.perf_counter()
+    with pytest.raises(
+        ModelLoadError, match=r"^cannot load model 'no-such-model-xyz': [^\n]*$"
+    ) as err:
+        load_model("no-such-model-xyz")
+    assert time.perf_counter() - start < 1
+    assert OFFLINE_HINT in str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert no_network == []
+
+
+def test_3_hub_name_without_hub_fails_at_once(no_network: list[str]) -> None:
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"^cannot load model 'gpt2': .*not reachable") as err:
+        load_model("gpt2")
+    assert time.perf_counter() - start < 5
+    assert OFFLINE_HINT in str(err.value)
+
+
+def test_4_folder_without_config_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_5_hook_checks_name_the_valid_layers(tiny_gpt2_folder: Path) -> None:
+    model = load_model(str(tiny_gpt2_folder))
+    assert hook_layer(model, "blocks.1.hook_resid_post") == 1
+    check_hook(model, "blocks.0.attn.hook_z")
+    with pytest.raises(
+        ValueError,
+        match=r"^hook 'blocks.9.attn.hook_z' not in model .*blocks\.0-1\); pick e\.g\. blocks\.0\.attn\.hook_z$",
+    ):
+        check_hook(model, "blocks.9.attn.hook_z")
+    with pytest.raises(ValueError, match="outside the transformer blocks"):
+        hook_layer(model, "hook_embed")
+
+
+def test_6_interrupted_first_run_leaves_no_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("CSAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(csae_models.AutoTokenizer, "from_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        csae_models.load_embedded_hf_model()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_7_gemma_knows_capitals(gemma: HookedTransformer) -> None:
+    """Greedy next tokens of the dequantised Q4_K_M model on three factual prompts.
+
+    Measured: "The capital of Germany is" ranks " the" 18.24, " a" 18.05, " Berlin" 17.70,
+    so Berlin is checked in the top 3 there and as the top token where the prompt asks for a
+    city name.
+    """
+
+    def top(prompt: str, k: int = 1) -> list[str]:
+        with torch.no_grad():
+            logits = gemma(prompt)[0, -1]
+        return [gemma.tokenizer.decode(int(i)) for i in logits.topk(k).indices]
+
+    assert top("The capital of Germany is the city of") == [" Berlin"]
+    assert top("The Eiffel Tower is located in the city of") == [" Paris"]
+    assert " Berlin" in top("The capital of Germany is", k=3)
+
+
+@pytest.mark.slow
+def test_8_hooked_logits_match_hugging_face(gemma: HookedTransformer) -> None:
+    hf_model, tokenizer = csae_models.load_embedded_hf_model()
+    prompts = ["The capital of Germany is", "def add(a, b):\n    return a + b"]
+    for prompt in prompts:
+        tokens = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        assert tokens[0, 0] == tokenizer.bos_token_id
+        assert torch.equal(tokens, gemma.to_tokens(prompt))
+        with torch.no_grad():
+            hf_logits = hf_model(tokens).logits
+            hooked_logits = gemma(tokens)
+        diff = (hooked_logits - hf_logits).abs().max().item()
+        scale = hf_logits.abs().max().item()
+        assert diff < 1e-3 * scale, f"max |diff| {diff:.2e} at logit scale {scale:.1f}"
+
+
+@pytest.mark.slow
+def test_9_second_load_reads_the_cache(
+    gemma: HookedTransformer, monkeypatch: pytest.MonkeyPatch, no_network: list[str]
+) -> None:
+    def must_not_rebuild(folder: Path) -> None:
+        raise AssertionError(f"cache rebuilt in {folder}")
+
+    monkeypatch.setattr(csae_models, "_build_embedded_cache", must_not_rebuild)
+    start = time.perf_counter()
+    again = load_model("google/gemma-3-270m")
+    elapsed = time.perf_counter() - start
+    config = json.loads((csae_models.embedded_cache_dir() / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert elapsed < 40, f"cached load took {elapsed:.1f} s"
+    assert again.cfg.n_layers == gemma.cfg.n_layers == 18
+    assert torch.equal(again.W_U, gemma.W_U)
+    assert no_network == []
+
+
+@pytest.mark.slow
+def test_10_gemma_hook_checks(gemma: HookedTransformer) -> None:
+    assert hook_layer(gemma, "blocks.6.hook_resid_post") == 6
+    with pytest.raises(ValueError) as err:
+        check_hook(gemma, "blocks.40.hook_resid_post")
+    assert str(err.value) == (
+        "hook 'blocks.40.hook_resid_post' not in model gemma-3-270m "
+        "(18 layers: blocks.0-17); pick e.g. blocks.6.hook_resid_post"
+    )
+
+
+@pytest.mark.slow
+def test_11_cache_folder_loads_as_a_local_model(
+    gemma: HookedTransformer, no_network: list[str]
+) -> None:
+    """A local Gemma folder is matched to TransformerLens's official Gemma 3 270M config."""
+    model = load_model(str(csae_models.embedded_cache_dir()))
+    assert model.cfg.original_architecture == "Gemma3ForCausalLM"
+    assert model.cfg.attn_types == gemma.cfg.attn_types
+    tokens = gemma.to_tokens("The capital of Germany is")
+    with torch.no_grad():
+        assert torch.equal(model(tokens), gemma(tokens))
+    assert no_network == []
