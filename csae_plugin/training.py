@@ -1,0 +1,134 @@
+"""Train any SAE architecture on a model and a fixed token set through SAELens's runner.
+
+The demo, the benchmarks and the comparison sweep all train the causal SAE and its baselines
+the same way: same model, hook, tokens, width, budget and learning rate, through
+:class:`~csae_plugin.runner.CausalSAETrainingRunner` (which behaves exactly like SAELens's
+runner for the baselines). This module only builds the configs; the training is SAELens's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import (
+    SAE,
+    BatchTopKTrainingSAEConfig,
+    JumpReLUTrainingSAEConfig,
+    LanguageModelSAERunnerConfig,
+    StandardTrainingSAEConfig,
+    TopKTrainingSAEConfig,
+)
+from sae_lens.config import LoggingConfig
+from sae_lens.saes.sae import TrainingSAEConfig
+from transformer_lens import HookedTransformer
+
+from csae_plugin.causal_sae import CausalTrainingSAEConfig
+from csae_plugin.data import as_hf_dataset
+from csae_plugin.runner import CausalSAETrainingRunner
+
+ARCHITECTURES = ("causal", "standard", "topk", "batchtopk", "jumprelu")
+"""What :func:`sae_training_config` builds: the causal SAE and SAELens's baselines."""
+
+
+@dataclass
+class TrainSpec:
+    """One SAE to train: its architecture, width and sparsity, plus config overrides.
+
+    ``k`` is the target L0: TopK/BatchTopK/causal use it directly, JumpReLU through its
+    quadratic L0 loss (``target_l0``); the standard (ReLU + L1) SAE ignores it and uses
+    ``l1_coefficient`` from ``overrides``.
+    """
+
+    architecture: str
+    d_sae: int
+    k: int = 32
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.architecture}_{self.d_sae}_k{self.k}"
+
+
+def sae_training_config(spec: TrainSpec, d_in: int, hook_name: str) -> TrainingSAEConfig:
+    """The SAELens training config of ``spec`` (unknown architecture: one-line ValueError)."""
+    common: dict[str, Any] = {"d_in": d_in, "d_sae": spec.d_sae}
+    kw = dict(spec.overrides)
+    if spec.architecture == "causal":
+        return CausalTrainingSAEConfig(**common, k=spec.k, **kw)
+    if spec.architecture == "topk":
+        return TopKTrainingSAEConfig(**common, k=spec.k, **kw)
+    if spec.architecture == "batchtopk":
+        return BatchTopKTrainingSAEConfig(**common, k=spec.k, **kw)
+    if spec.architecture == "jumprelu":
+        kw.setdefault("jumprelu_sparsity_loss_mode", "quadratic")
+        kw.setdefault("l0_coefficient", 0.1)
+        return JumpReLUTrainingSAEConfig(**common, target_l0=float(spec.k), **kw)
+    if spec.architecture == "standard":
+        kw.setdefault("l1_coefficient", 5.0)
+        return StandardTrainingSAEConfig(**common, **kw)
+    raise ValueError(
+        f"unknown architecture {spec.architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
+    )
+
+
+def train_sae(
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: torch.Tensor,
+    spec: TrainSpec,
+    *,
+    training_tokens: int,
+    output_path: str | Path,
+    batch_size_tokens: int = 1024,
+    lr: float = 3e-4,
+    seed: int = 0,
+    exclude_special_tokens: list[int] | None = None,
+    verify_tokens: torch.Tensor | None = None,
+    device: str = "cpu",
+) -> tuple[SAE, CausalSAETrainingRunner]:
+    """Train ``spec`` on activations of ``tokens`` [n, context] at ``hook_name``.
+
+    The SAE is saved by SAELens under ``output_path`` and returned as the inference SAE loaded
+    back from there (so what is evaluated is exactly what a user would load), together with
+    the runner (whose causal context, if any, holds the verification history).
+    """
+    d_in = model.cfg.d_model if "resid" in hook_name else None
+    if d_in is None:
+        from csae_plugin.checks import activation_shape
+
+        d_in = int(torch.tensor(activation_shape(model, hook_name)).prod())
+    cfg = LanguageModelSAERunnerConfig(
+        sae=sae_training_config(spec, d_in, hook_name),
+        model_name=model.cfg.model_name,
+        hook_name=hook_name,
+        dataset_path="csae-plugin/tokens",
+        is_dataset_tokenized=True,
+        streaming=False,
+        context_size=tokens.shape[1],
+        training_tokens=training_tokens,
+        train_batch_size_tokens=batch_size_tokens,
+        store_batch_size_prompts=8,
+        n_batches_in_buffer=4,
+        normalize_activations="expected_average_only_in",
+        lr=lr,
+        device=device,
+        act_store_device=device,
+        seed=seed,
+        exclude_special_tokens=exclude_special_tokens or False,
+        logger=LoggingConfig(log_to_wandb=False),
+        output_path=str(output_path),
+        checkpoint_path=None,
+        n_checkpoints=0,
+        verbose=False,
+    )
+    runner = CausalSAETrainingRunner(
+        cfg,
+        override_model=model,
+        override_dataset=as_hf_dataset(tokens),
+        verify_tokens=verify_tokens,
+    )
+    runner.run()
+    return SAE.load_from_disk(output_path, device=device), runner
