@@ -54,8 +54,11 @@ class TrainSpec:
 
 def sae_training_config(spec: TrainSpec, d_in: int, hook_name: str) -> TrainingSAEConfig:
     """The SAELens training config of ``spec`` (unknown architecture: one-line ValueError)."""
-    common: dict[str, Any] = {"d_in": d_in, "d_sae": spec.d_sae}
     kw = dict(spec.overrides)
+    # residual norms differ by orders of magnitude across models: train on scaled activations
+    # (SAELens folds the scale into the saved weights)
+    kw.setdefault("normalize_activations", "expected_average_only_in")
+    common: dict[str, Any] = {"d_in": d_in, "d_sae": spec.d_sae}
     if spec.architecture == "causal":
         return CausalTrainingSAEConfig(**common, k=spec.k, **kw)
     if spec.architecture == "topk":
@@ -112,7 +115,6 @@ def train_sae(
         train_batch_size_tokens=batch_size_tokens,
         store_batch_size_prompts=8,
         n_batches_in_buffer=4,
-        normalize_activations="expected_average_only_in",
         lr=lr,
         device=device,
         act_store_device=device,

@@ -1,0 +1,169 @@
+"""``sae_bench demo``: the whole idea on a real model, offline, in minutes.
+
+On the embedded Gemma 3 270M (or ``--model``), train a causal SAE and a TopK baseline of the
+same width at the same L0 on the same training tokens through SAELens's runner, score both
+with SAEBench's ``core`` and the plugin's ``nces`` eval on held-out tokens, then print the
+comparison and write it (JSON, CSV) and its plots to ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from csae_plugin.models import EMBEDDED_MODEL, check_hook, load_model
+from csae_plugin.training import TrainSpec, train_sae
+
+DEFAULT_HOOK = "blocks.6.hook_resid_post"
+
+SUMMARY_COLUMNS = (
+    "l0",
+    "explained_variance",
+    "kl_div_score",
+    "ce_loss_score",
+    "nces_median",
+    "frac_verified",
+    "frac_dead",
+)
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae_bench demo",
+        description="Train a causal SAE and a TopK baseline, score both with core and nces.",
+    )
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: %(default)s)")
+    parser.add_argument("--hook", default=DEFAULT_HOOK, help="hook name (default: %(default)s)")
+    parser.add_argument("--dataset", default=None, help="HF dataset (default: stdlib docs)")
+    parser.add_argument("--output-dir", default="demo_output", help="where results go")
+    parser.add_argument("--d-sae", type=int, default=2048, help="SAE width")
+    parser.add_argument("--k", type=int, default=32, help="target L0 of both SAEs")
+    parser.add_argument("--training-tokens", type=int, default=120_000)
+    parser.add_argument("--context-size", type=int, default=128)
+    parser.add_argument("--lambda-kl", type=float, default=1.0, help="causal SAE's KL weight")
+    parser.add_argument("--kl-every", type=int, default=10)
+    parser.add_argument("--latents", type=int, default=24, help="latents scored by nces")
+    parser.add_argument("--null-draws", type=int, default=4)
+    parser.add_argument("--seqs-per-latent", type=int, default=4)
+    parser.add_argument("--n-eval-sequences", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def writable_dir(path: str) -> Path:
+    """``path`` created if needed and checked writable (one-line error otherwise)."""
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"output folder {str(folder)!r} can't be written ({err.strerror}); "
+            "pass --output-dir with a writable path"
+        ) from err
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    from csae_plugin.data import corpus_splits
+
+    args = arg_parser().parse_args(argv)
+    out = writable_dir(args.output_dir)
+    started = time.perf_counter()
+    print(f"[demo] loading {args.model} ...", flush=True)
+    model = load_model(args.model, device=args.device)
+    check_hook(model, args.hook)
+    splits = corpus_splits(model.tokenizer, args.context_size, seed=args.seed, dataset=args.dataset)
+    bos = model.tokenizer.bos_token_id
+    special = [bos] if bos is not None else None
+    print(
+        f"[demo] corpus: {splits.train.shape[0]} training and {splits.eval.shape[0]} evaluation "
+        f"sequences of {args.context_size} tokens (disjoint)",
+        flush=True,
+    )
+    specs = [
+        TrainSpec(
+            "causal",
+            args.d_sae,
+            args.k,
+            {"lambda_kl": args.lambda_kl, "kl_every": args.kl_every},
+        ),
+        TrainSpec("topk", args.d_sae, args.k),
+    ]
+    folders = []
+    train_seconds = {}
+    for spec in specs:
+        print(f"[demo] training {spec.name} on {args.training_tokens:,} tokens", flush=True)
+        folder = out / "saes" / spec.name
+        t0 = time.perf_counter()
+        train_sae(
+            model,
+            args.hook,
+            splits.train,
+            spec,
+            training_tokens=args.training_tokens,
+            output_path=folder,
+            seed=args.seed,
+            exclude_special_tokens=special,
+            device=args.device,
+        )
+        train_seconds[spec.name] = time.perf_counter() - t0
+        folders.append(folder)
+
+    from csae_plugin.cli import evaluate_saes
+    from csae_plugin.compare import load_results, plot_results
+
+    evaluate_saes(
+        evals=["core", "nces"],
+        sae_specs=[str(f) for f in folders],
+        model=model,
+        eval_tokens=splits.eval[: args.n_eval_sequences],
+        reference_tokens=splits.train[: args.n_eval_sequences],
+        output_dir=out / "eval_results",
+        device=args.device,
+        nces_overrides={
+            "latents": args.latents,
+            "null_draws": args.null_draws,
+            "seqs_per_latent": args.seqs_per_latent,
+            "random_seed": args.seed,
+        },
+    )
+    table = load_results([out / "eval_results"])
+    table["train_seconds"] = [train_seconds.get(name, float("nan")) for name in table.index]
+    summary = table[[c for c in (*SUMMARY_COLUMNS, "train_seconds") if c in table.columns]]
+    summary.to_csv(out / "comparison.csv")
+    (out / "comparison.json").write_text(
+        json.dumps(
+            {
+                "settings": vars(args),
+                "machine": _machine(),
+                "minutes": (time.perf_counter() - started) / 60,
+                "table": json.loads(summary.to_json(orient="index")),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    plot_results(table, out / "plots", eval_dirs=[out / "eval_results"])
+    print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"[demo] done in {(time.perf_counter() - started) / 60:.1f} min; results in {out}")
+    return 0
+
+
+def _machine() -> dict[str, object]:
+    import os
+    import platform
+
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
