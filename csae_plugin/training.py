@@ -77,6 +77,28 @@ def sae_training_config(spec: TrainSpec, d_in: int, hook_name: str) -> TrainingS
     )
 
 
+class _MeanInitRunner(CausalSAETrainingRunner):
+    """The runner, with every SAE's ``b_dec`` started at the mean training activation.
+
+    Residual streams carry a large constant component (Gemma's is ~20x the per-token spread
+    in scaled units), which short training budgets cannot learn from a zero ``b_dec``; every
+    architecture gets the same start, so comparisons stay fair.
+    """
+
+    def run_trainer_with_interruption_handling(self, trainer: Any):
+        scaler = trainer.activation_scaler
+        if self.sae.cfg.normalize_activations == "expected_average_only_in":
+            scaler.estimate_scaling_factor(
+                d_in=self.sae.cfg.d_in,
+                data_provider=trainer.data_provider,
+                n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate,
+            )
+        batch = torch.cat([next(trainer.data_provider) for _ in range(4)])
+        with torch.no_grad():
+            self.sae.b_dec.copy_(scaler.scale(batch).mean(0).to(self.sae.b_dec))
+        return super().run_trainer_with_interruption_handling(trainer)
+
+
 def train_sae(
     model: HookedTransformer,
     hook_name: str,
@@ -91,12 +113,15 @@ def train_sae(
     exclude_special_tokens: list[int] | None = None,
     verify_tokens: torch.Tensor | None = None,
     device: str = "cpu",
+    norm_estimate_batches: int = 16,
 ) -> tuple[SAE, CausalSAETrainingRunner]:
     """Train ``spec`` on activations of ``tokens`` [n, context] at ``hook_name``.
 
     The SAE is saved by SAELens under ``output_path`` and returned as the inference SAE loaded
     back from there (so what is evaluated is exactly what a user would load), together with
-    the runner (whose causal context, if any, holds the verification history).
+    the runner (whose causal context, if any, holds the verification history). The activation
+    scale is estimated on ``norm_estimate_batches`` training batches (SAELens's default 1,000
+    would cost more than the whole training on a CPU).
     """
     d_in = model.cfg.d_model if "resid" in hook_name else None
     if d_in is None:
@@ -114,8 +139,10 @@ def train_sae(
         training_tokens=training_tokens,
         train_batch_size_tokens=batch_size_tokens,
         store_batch_size_prompts=8,
-        n_batches_in_buffer=4,
+        # SAELens's mixing buffer holds n_batches_in_buffer * context_size activations
+        n_batches_in_buffer=max(16, -(-8 * batch_size_tokens // tokens.shape[1])),
         lr=lr,
+        n_batches_for_norm_estimate=norm_estimate_batches,
         device=device,
         act_store_device=device,
         seed=seed,
@@ -126,7 +153,7 @@ def train_sae(
         n_checkpoints=0,
         verbose=False,
     )
-    runner = CausalSAETrainingRunner(
+    runner = _MeanInitRunner(
         cfg,
         override_model=model,
         override_dataset=as_hf_dataset(tokens),
