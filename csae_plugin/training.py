@@ -108,7 +108,7 @@ def train_sae(
     training_tokens: int,
     output_path: str | Path,
     batch_size_tokens: int = 1024,
-    lr: float = 3e-4,
+    lr: float = 1e-3,
     seed: int = 0,
     exclude_special_tokens: list[int] | None = None,
     verify_tokens: torch.Tensor | None = None,
@@ -121,7 +121,9 @@ def train_sae(
     back from there (so what is evaluated is exactly what a user would load), together with
     the runner (whose causal context, if any, holds the verification history). The activation
     scale is estimated on ``norm_estimate_batches`` training batches (SAELens's default 1,000
-    would cost more than the whole training on a CPU).
+    would cost more than the whole training on a CPU). The default learning rate suits short
+    budgets: on Gemma 3 270M layer 6, a TopK SAE (2048 x k 32, 100k tokens) reached explained
+    variance 0.80 at 1e-3 against 0.38 at SAELens's default 3e-4.
     """
     d_in = model.cfg.d_model if "resid" in hook_name else None
     if d_in is None:
