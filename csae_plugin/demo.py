@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds[spec.name] = time.perf_counter() - t0
         folders.append(folder)
 
-    from csae_plugin.cli import evaluate_saes
-    from csae_plugin.compare import load_results, plot_results
+    from csae_plugin.cli import evaluate_saes, load_results, plot_results
 
     evaluate_saes(
         evals=["core", "nces"],

@@ -112,8 +112,7 @@ def run(
     retrain: bool = False,
 ) -> pd.DataFrame:
     """Train (or reuse, unless ``retrain``) and score every SAE of the preset; the table."""
-    from csae_plugin.cli import evaluate_saes
-    from csae_plugin.compare import load_results, plot_results
+    from csae_plugin.cli import evaluate_saes, load_results, plot_results
 
     preset = PRESETS[preset_name]
     started = time.perf_counter()

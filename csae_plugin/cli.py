@@ -1,0 +1,498 @@
+"""``sae_bench``: SAEBench's ``core`` and the plugin's ``nces`` eval on any SAELens SAE.
+
+Subcommands: ``run`` (evaluate SAEs; results in SAEBench's layout, ``<output-dir>/<eval>/
+<release>_<sae_id>_eval_results.json``), ``list`` (available evals), ``compare`` (tables and
+plots from result folders) and ``demo`` (``csae_plugin.demo``). The model is loaded once and
+shared by both evals; finished SAEs are skipped on a rerun unless ``--force-rerun``.
+
+Every failure, an interrupt included, ends as one line ``sae_bench: error: ...`` on stderr and
+exit code 2; result files are written atomically, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pandas as pd
+
+import csae_plugin  # noqa: F401  (registers the "causal" architecture with SAELens)
+from csae_plugin import models
+from csae_plugin.evals import (
+    RESULTS_SUFFIX,
+    EvalInputError,
+    add_config_arguments,
+    config_from_args,
+    results_path,
+    validate_inputs,
+)
+from csae_plugin.evals.nces.eval_config import EMBEDDED_DATASET, NCESEvalConfig
+from csae_plugin.models import EMBEDDED_MODEL
+
+if TYPE_CHECKING:
+    import torch
+    from transformer_lens import HookedTransformer
+
+PROG = "sae_bench"
+
+EVALS = {
+    "core": "SAEBench core: L0, explained variance, MSE, KL and CE loss scores of the SAE "
+    "spliced into the model",
+    "nces": "causal effect of each latent vs covariance-matched random directions "
+    "(nces_median, frac_verified, per-latent NCES)",
+}
+"""Evals ``run`` knows, in the order they run, with one line each for ``list``."""
+
+SUMMARY_COLUMNS = (
+    "l0",
+    "explained_variance",
+    "kl_div_score",
+    "ce_loss_score",
+    "nces_median",
+    "frac_verified",
+    "frac_dead",
+)
+"""Key metrics shown after ``run`` and first in ``compare``'s table."""
+
+
+class _UsageError(EvalInputError):
+    """A command line argparse rejected."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors become one-line errors (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    """The ``sae_bench`` parser with its subcommands."""
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="evaluate SAEs", description="Evaluate SAEs.")
+    run.add_argument(
+        "--eval",
+        default="core,nces",
+        help="evals to run, comma-separated: " + ", ".join(EVALS) + " (default: %(default)s)",
+    )
+    run.add_argument(
+        "--sae",
+        nargs="+",
+        required=True,
+        metavar="SPEC",
+        help="saved SAE folders or SAELens 'release:sae_id' pairs",
+    )
+    run.add_argument(
+        "--model",
+        default=EMBEDDED_MODEL,
+        help="TransformerLens name (hub), local Hugging Face folder, or the embedded "
+        "'%(default)s' (default)",
+    )
+    run.add_argument(
+        "--dataset",
+        default=EMBEDDED_DATASET,
+        help="Hugging Face dataset or local data file, or the embedded '%(default)s' (default)",
+    )
+    run.add_argument("--output-dir", default="eval_results", help="default: %(default)s")
+    run.add_argument("--device", default=_default_device(), help="default: %(default)s")
+    run.add_argument("--force-rerun", action="store_true", help="redo SAEs with results")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_arguments(
+        run.add_argument_group("NCES eval config"),  # type: ignore[arg-type]
+        NCESEvalConfig,
+        dashes=True,
+        skip=("model_name", "dataset"),
+    )
+    run.set_defaults(func=_cmd_run)
+
+    listing = commands.add_parser("list", help="list the available evals")
+    listing.set_defaults(func=_cmd_list)
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare result folders side by side",
+        description="Table (and optional CSV and plots) of the core and nces results found "
+        "under the given folders.",
+    )
+    compare.add_argument("dirs", nargs="+", metavar="DIR", help="result folders")
+    compare.add_argument("--csv", help="write the full table to this CSV file")
+    compare.add_argument("--plots", metavar="DIR", help="write plots (PNG) to this folder")
+    compare.set_defaults(func=_cmd_compare)
+
+    commands.add_parser(
+        "demo",
+        help="train a causal SAE and a TopK baseline and compare them (see demo --help)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sae_bench`` console command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["demo"]:
+            from csae_plugin import demo
+
+            return demo.main(argv[1:]) or 0
+        args = arg_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as exit_:  # --help, or a parser that exits by itself
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    except KeyboardInterrupt:
+        return _error("interrupted; finished results are kept and a rerun resumes after them")
+    except (ValueError, OSError) as err:
+        return _error(_one_line(err))
+    except Exception as err:  # torch, datasets, ...: still one line, never a traceback
+        return _error(f"{type(err).__name__}: {_one_line(err)}")
+
+
+def _error(message: str) -> int:
+    """Print the one error line and give the exit code for every failure (2)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def evaluate_saes(
+    evals: Sequence[str],
+    sae_specs: Sequence[str],
+    *,
+    model: HookedTransformer | None = None,
+    model_name: str | None = None,
+    dataset: str | None = None,
+    eval_tokens: torch.Tensor | None = None,
+    reference_tokens: torch.Tensor | None = None,
+    output_dir: str | Path = "eval_results",
+    device: str = "cpu",
+    force_rerun: bool = False,
+    nces_config: NCESEvalConfig | None = None,
+    nces_overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run ``evals`` on each SAE of ``sae_specs``; return the summary table of their results.
+
+    Cheap checks (eval names, output folder, SAEs) come first; the model (``model``, else
+    ``models.load_model(model_name)``) and the tokens (``eval_tokens``/``reference_tokens``,
+    else the held-out and training splits of ``dataset``) are loaded once, only if some
+    result is missing, and every SAE is checked against them before any eval starts.
+    """
+    from csae_plugin.evals.nces import main as nces_main
+    from csae_plugin.loading import load_sae
+
+    names = check_evals(evals)
+    if nces_config is None:
+        name = model_name or (model.cfg.model_name if model is not None else EMBEDDED_MODEL)
+        nces_config = NCESEvalConfig(
+            model_name=name, dataset=dataset or EMBEDDED_DATASET, **(nces_overrides or {})
+        )
+    out = writable_dir(output_dir)
+    saes = [load_sae(spec, device=device) for spec in sae_specs]
+    _check_unique([(release, sae_id) for _, release, sae_id in saes])
+    pending = []
+    for sae, release, sae_id in saes:
+        todo = [e for e in names if force_rerun or not _done(out, e, release, sae_id)]
+        for skipped in (e for e in names if e not in todo):
+            _say(f"[{skipped}] {sae_name(release, sae_id)}: result exists, skipped", progress)
+        if todo:
+            pending.append((sae, release, sae_id, todo))
+    if pending:
+        if model is None:
+            _say(f"loading model {nces_config.model_name} on {device}", progress)
+            model = models.load_model(nces_config.model_name, device=device)
+        if eval_tokens is None or reference_tokens is None:
+            loaded_eval, loaded_reference = nces_main.load_tokens(model, nces_config)
+            eval_tokens = loaded_eval if eval_tokens is None else eval_tokens
+            reference_tokens = loaded_reference if reference_tokens is None else reference_tokens
+        for sae, *_ in pending:
+            validate_inputs(model, sae, eval_tokens, reference_tokens)
+    for sae, release, sae_id, todo in pending:
+        for name in todo:
+            _say(f"[{name}] {sae_name(release, sae_id)}", progress)
+            _run_one(
+                name,
+                nces_config,
+                model,
+                sae,
+                release,
+                sae_id,
+                out,
+                eval_tokens,
+                reference_tokens,
+                progress,
+            )
+    table = load_results([out])
+    wanted = [sae_name(release, sae_id) for _, release, sae_id in saes]
+    table = table.loc[[name for name in wanted if name in table.index]]
+    return table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
+
+
+def _run_one(
+    eval_name: str,
+    config: NCESEvalConfig,
+    model: HookedTransformer,
+    sae: Any,
+    release: str,
+    sae_id: str,
+    out: Path,
+    eval_tokens: torch.Tensor,
+    reference_tokens: torch.Tensor,
+    progress: bool,
+) -> None:
+    """One eval on one SAE, its result written under ``out/<eval>/``."""
+    if eval_name == "nces":
+        from csae_plugin.evals.nces.main import evaluate_and_save
+
+        evaluate_and_save(
+            config,
+            model,
+            sae,
+            release,
+            sae_id,
+            out / "nces",
+            eval_tokens,
+            reference_tokens,
+            force_rerun=True,
+            progress=progress,
+        )
+    else:
+        from csae_plugin.evals.core import core_config, run_core
+
+        core_cfg = core_config(
+            config.model_name,
+            config.dataset,
+            eval_tokens.shape[1],
+            eval_tokens.shape[0],
+            batch_size_prompts=config.llm_batch_size,
+        )
+        run_core(
+            model,
+            sae,
+            eval_tokens,
+            release=release,
+            sae_id=sae_id,
+            output_path=out / "core",
+            config=core_cfg,
+            force_rerun=True,
+            progress=progress,
+        )
+
+
+def check_evals(evals: Sequence[str] | str) -> list[str]:
+    """Eval names from a list or a comma-separated string, in ``EVALS`` order; unknown -> error."""
+    items = [evals] if isinstance(evals, str) else list(evals)
+    names = {part.strip() for item in items for part in item.split(",") if part.strip()}
+    unknown = sorted(names - set(EVALS))
+    if unknown or not names:
+        raise EvalInputError(
+            f"unknown eval {unknown[0] if unknown else ''!r}; choose from {', '.join(EVALS)}"
+        )
+    return [name for name in EVALS if name in names]
+
+
+def writable_dir(path: str | Path) -> Path:
+    """``path`` created if needed and checked writable (one-line error otherwise)."""
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise EvalInputError(
+            f"output folder {str(folder)!r} can't be written ({err.strerror or err}); "
+            "pass --output-dir with a writable path"
+        ) from err
+    return folder
+
+
+def sae_name(release: str, sae_id: str) -> str:
+    """How an SAE is named in tables: its folder name if local, else ``release/sae_id``."""
+    return sae_id if release == "local" else f"{release}/{sae_id}"
+
+
+def load_results(dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """All result files under ``dirs``: one row per SAE, one column per flat metric.
+
+    Rows are named by :func:`sae_name` (prefixed by the folder's name when the same SAE is
+    found under several folders); key metrics (:data:`SUMMARY_COLUMNS`) come first.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for label, result in _results(dirs):
+        row = rows.setdefault(label, {})
+        for metrics in result.get("eval_result_metrics", {}).values():
+            row.update(
+                {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str))}
+            )
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "sae"
+    first = [c for c in SUMMARY_COLUMNS if c in table.columns]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def plot_results(
+    table: pd.DataFrame, plots_dir: str | Path, eval_dirs: Sequence[str | Path]
+) -> list[Path]:
+    """Write ``nces_hist.png`` (per-latent NCES of each SAE, from the nces details under
+    ``eval_dirs``) and ``l0_vs_ce_loss_score.png`` (coloured by nces_median); return paths."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    folder = writable_dir(plots_dir)
+    written = []
+    details = {
+        label: [d.get("nces") for d in result.get("eval_result_details") or []]
+        for label, result in _results(eval_dirs)
+        if result.get("eval_type_id") == "nces"
+    }
+    if details:
+        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        ax = fig.subplots()
+        for label, values in details.items():
+            nces = np.array([v for v in values if v is not None], dtype=float)
+            nces = nces[np.isfinite(nces) & (nces > 0)]
+            if len(nces):
+                ax.hist(np.log10(nces), bins=30, histtype="step", linewidth=1.5, label=label)
+        ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
+        ax.set_xlabel("log10 NCES per latent (0 = a random direction's effect)")
+        ax.set_ylabel("latents")
+        ax.set_title("NCES of each evaluated latent")
+        ax.legend(fontsize="small")
+        written.append(folder / "nces_hist.png")
+        fig.savefig(written[-1], dpi=120)
+    if {"l0", "ce_loss_score"} <= set(table.columns):
+        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        ax = fig.subplots()
+        colour = table["nces_median"] if "nces_median" in table else pd.Series(np.nan, table.index)
+        points = ax.scatter(
+            table["l0"],
+            table["ce_loss_score"],
+            c=colour.astype(float),
+            cmap="viridis",
+            s=60,
+            edgecolors="black",
+            plotnonfinite=True,
+        )
+        for name, row in table.iterrows():
+            ax.annotate(
+                str(name),
+                (row["l0"], row["ce_loss_score"]),
+                fontsize="small",
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        fig.colorbar(points, ax=ax, label="nces_median")
+        ax.set_xlabel("L0 (core)")
+        ax.set_ylabel("ce_loss_score (core)")
+        ax.set_title("Sparsity vs faithfulness, coloured by causal verification")
+        written.append(folder / "l0_vs_ce_loss_score.png")
+        fig.savefig(written[-1], dpi=120)
+    return written
+
+
+def _results(dirs: Sequence[str | Path]) -> list[tuple[str, dict[str, Any]]]:
+    """(row label, parsed result) for every result file under ``dirs``."""
+    found = []
+    for folder in map(Path, dirs):
+        if not folder.is_dir():
+            raise EvalInputError(f"results folder {str(folder)!r} does not exist")
+        for path in sorted(folder.rglob(f"*{RESULTS_SUFFIX}")):
+            try:
+                result = json.loads(path.read_text())
+                name = sae_name(result["sae_lens_release_id"], result["sae_lens_id"])
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+                raise EvalInputError(
+                    f"result file {str(path)!r} is corrupt ({type(err).__name__}); delete it "
+                    "and rerun with --force-rerun"
+                ) from err
+            found.append((folder, name, result))
+    folders_per_name: dict[str, set[Path]] = {}
+    for folder, name, _ in found:
+        folders_per_name.setdefault(name, set()).add(folder)
+    return [
+        (name if len(folders_per_name[name]) == 1 else f"{folder.name}:{name}", result)
+        for folder, name, result in found
+    ]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = config_from_args(NCESEvalConfig, args, model_name=args.model, dataset=args.dataset)
+    table = evaluate_saes(
+        args.eval,
+        args.sae,
+        output_dir=args.output_dir,
+        device=args.device,
+        force_rerun=args.force_rerun,
+        nces_config=config,
+        progress=not args.no_progress,
+    )
+    print(_format(table))
+    print(f"results in {args.output_dir}/<eval>/")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for name, description in EVALS.items():
+        print(f"{name:<6}{description}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    table = load_results(args.dirs)
+    if table.empty:
+        raise EvalInputError(f"no *{RESULTS_SUFFIX} files under {', '.join(args.dirs)}")
+    print(_format(table[[c for c in SUMMARY_COLUMNS if c in table.columns]]))
+    if args.csv:
+        csv = Path(args.csv).expanduser()
+        writable_dir(csv.parent)
+        table.to_csv(csv)
+        print(f"table: {csv}")
+    if args.plots:
+        for path in plot_results(table, args.plots, eval_dirs=args.dirs):
+            print(f"plot: {path}")
+    return 0
+
+
+def _format(table: pd.DataFrame) -> str:
+    return table.to_string(float_format=lambda v: f"{v:.4g}", na_rep="-")
+
+
+def _done(out: Path, eval_name: str, release: str, sae_id: str) -> bool:
+    return results_path(out / eval_name, release, sae_id).exists()
+
+
+def _check_unique(names: list[tuple[str, str]]) -> None:
+    seen = set()
+    for release, sae_id in names:
+        file_name = results_path(".", release, sae_id).name
+        if file_name in seen:
+            raise EvalInputError(
+                f"two SAEs would share the result file {file_name!r}; give their folders "
+                "different names"
+            )
+        seen.add(file_name)
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n")[0].split())
+    return text or type(err).__name__
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

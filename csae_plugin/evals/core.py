@@ -1,0 +1,167 @@
+"""SAEBench's ``core`` eval on a model and tokens handed in, written in SAEBench's format.
+
+SAEBench's ``multiple_evals`` loads the model and dataset from the hub by name. This runs the
+same steps on an already built ``HookedTransformer`` and token rows (the held-out split):
+SAEBench's ``run_evals`` on a SAELens ``ActivationsStore`` over the tokens, its misc metrics,
+its NaN -> -1 cleaning and its ``save_single_eval_result``, so the numbers are exactly core's
+(including the 0.6.0 quirks noted in ``shared/design/csae.md``), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_bench.evals.core.eval_config import CoreEvalConfig
+from sae_bench.evals.core.main import (
+    calculate_misc_metrics,
+    replace_nans_with_negative_one,
+    run_evals,
+    save_single_eval_result,
+)
+from sae_bench.sae_bench_utils import get_eval_uuid, get_sae_lens_version
+from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+from sae_lens import SAE
+from sae_lens.training.activations_store import ActivationsStore
+from transformer_lens import HookedTransformer
+
+from csae_plugin.data import as_hf_dataset
+from csae_plugin.evals import atomic_path, results_path, sae_bench_version, validate_inputs
+
+EVAL_TYPE_ID_CORE = "core"
+
+DEFAULT_BATCH_SIZE_PROMPTS = 16
+"""Sequences per batch (SAEBench's default ``batch_size_prompts``)."""
+
+
+def core_config(
+    model_name: str,
+    dataset: str,
+    context_size: int,
+    n_sequences: int,
+    batch_size_prompts: int = DEFAULT_BATCH_SIZE_PROMPTS,
+) -> CoreEvalConfig:
+    """Core with every metric on (as SAEBench's ``run_evaluations``), over ``n_sequences``.
+
+    Both metric passes read ``n_sequences // batch`` whole batches; BOS/EOS/PAD positions are
+    excluded from reconstruction (SAEBench's ``--exclude_special_tokens_from_reconstruction``),
+    as they are from NCES.
+    """
+    batch = max(1, min(batch_size_prompts, n_sequences))
+    n_batches = max(1, n_sequences // batch)
+    return CoreEvalConfig(
+        model_name=model_name,
+        batch_size_prompts=batch,
+        n_eval_reconstruction_batches=n_batches,
+        n_eval_sparsity_variance_batches=n_batches,
+        dataset=dataset,
+        context_size=context_size,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True,
+        exclude_special_tokens_from_reconstruction=True,
+    )
+
+
+def special_token_ids(model: HookedTransformer, bos_token_id: int | None = None) -> set[int]:
+    """Token ids core ignores: the tokenizer's PAD, EOS and BOS (as SAEBench), or ``bos_token_id``."""
+    ids = {bos_token_id}
+    tokenizer = model.tokenizer
+    if tokenizer is not None:
+        ids |= {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
+    return {int(i) for i in ids if i is not None}
+
+
+def run_core(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: torch.Tensor,
+    *,
+    release: str,
+    sae_id: str,
+    output_path: str | Path,
+    config: CoreEvalConfig | None = None,
+    dataset: str = "",
+    force_rerun: bool = False,
+    bos_token_id: int | None = None,
+    progress: bool = True,
+    eval_id: str | None = None,
+) -> dict[str, Any] | None:
+    """Run core on ``tokens`` [n_seq, context] and write ``<output_path>/<release>_<sae_id>_...``.
+
+    Returns the written result (``CoreEvalOutput`` as a dict), or ``None`` if the file exists
+    and ``force_rerun`` is off. ``config`` defaults to :func:`core_config` over all tokens.
+    The SAE's config gets SAEBench's v5-style fields (``load_and_format_sae``), and its
+    ``model_name`` from the model when it has none.
+    """
+    path = results_path(output_path, release, sae_id)
+    if path.exists() and not force_rerun:
+        print(f"Skipping {release}_{sae_id} as results already exist")
+        return None
+    validate_inputs(model, sae, tokens)
+    if sae.cfg.metadata.model_name is None:
+        sae.cfg.metadata.model_name = model.cfg.model_name
+    if config is None:
+        config = core_config(model.cfg.model_name, dataset, tokens.shape[1], tokens.shape[0])
+    _, sae, _ = load_and_format_sae(release, sae, str(model.cfg.device))
+    sae = sae.to(device=model.cfg.device, dtype=model.cfg.dtype)
+
+    scalar_metrics, feature_metrics = run_evals(
+        sae=sae,
+        activation_store=_activation_store(model, sae, tokens, config),
+        model=model,
+        eval_config=config,
+        ignore_tokens=special_token_ids(model, bos_token_id),
+        verbose=progress,
+    )
+    eval_metrics: dict[str, Any] = {
+        "unique_id": f"{release}_{sae_id}",
+        "sae_set": release,
+        "sae_id": sae_id,
+        "eval_cfg": config,
+        "metrics": scalar_metrics,
+    }
+    if config.compute_featurewise_density_statistics or (
+        config.compute_featurewise_weight_based_metrics
+    ):
+        eval_metrics["metrics"]["misc_metrics"] = calculate_misc_metrics(feature_metrics)
+        eval_metrics["feature_metrics"] = feature_metrics
+    with atomic_path(path) as tmp:
+        save_single_eval_result(
+            replace_nans_with_negative_one(eval_metrics),
+            eval_id or get_eval_uuid(),
+            get_sae_lens_version(),
+            sae_bench_version(),
+            str(tmp),
+            sae,
+        )
+    return json.loads(path.read_text())
+
+
+def _activation_store(
+    model: HookedTransformer, sae: SAE, tokens: torch.Tensor, config: CoreEvalConfig
+) -> ActivationsStore:
+    """A SAELens store that yields ``tokens``' rows in order (pre-tokenised, no shuffling)."""
+    return ActivationsStore(
+        model=model,
+        dataset=as_hf_dataset(tokens.cpu()),
+        streaming=False,
+        hook_name=sae.cfg.metadata.hook_name,
+        hook_head_index=sae.cfg.metadata.hook_head_index,
+        context_size=tokens.shape[1],
+        d_in=sae.cfg.d_in,
+        n_batches_in_buffer=1,
+        total_training_tokens=tokens.shape[0],
+        store_batch_size_prompts=config.batch_size_prompts,
+        train_batch_size_tokens=config.batch_size_prompts * tokens.shape[1],
+        prepend_bos=False,
+        normalize_activations=sae.cfg.normalize_activations,
+        device=torch.device(model.cfg.device),
+        dtype=sae.cfg.dtype,
+    )

@@ -1,0 +1,134 @@
+"""Configuration of the NCES eval (SAEBench layout: a pydantic dataclass, every field titled)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass
+from sae_bench.evals.base_eval_output import BaseEvalConfig
+
+EMBEDDED_DATASET = "stdlib-docs"
+"""``dataset`` value naming the embedded corpus (the Python stdlib's documentation)."""
+
+
+@dataclass
+class NCESEvalConfig(BaseEvalConfig):
+    model_name: str = Field(
+        default="gemma-3-270m",
+        title="Model Name",
+        description="Model the SAE reads from: 'gemma-3-270m' (embedded, offline), a local "
+        "Hugging Face model folder, or a TransformerLens model name from the hub",
+    )
+    dataset: str = Field(
+        default=EMBEDDED_DATASET,
+        title="Dataset",
+        description="Text to evaluate on: 'stdlib-docs' (the embedded Python documentation) "
+        "or a Hugging Face dataset name or local data file; evaluation sequences come from "
+        "its held-out split, never from the SAE training split",
+    )
+    context_size: int = Field(
+        default=128,
+        ge=2,
+        title="Context Length",
+        description="Tokens per sequence, BOS included",
+    )
+    n_eval_sequences: int = Field(
+        default=256,
+        ge=1,
+        title="Evaluation Sequences",
+        description="Held-out sequences in which latents are intervened on and scored",
+    )
+    n_reference_sequences: int = Field(
+        default=128,
+        ge=1,
+        title="Reference Sequences",
+        description="Sequences for the activation covariance of the null and the latents' "
+        "mean, maximum and resample values (from the training split)",
+    )
+    intervention: Literal["zero", "mean", "resample", "steer"] = Field(
+        default="zero",
+        title="Intervention",
+        description="How the latent is changed where it fires: to zero, to its reference "
+        "mean, to a resampled reference value, or steered up by steer_alpha x its maximum",
+    )
+    steer_alpha: float = Field(
+        default=1.0,
+        title="Steer Alpha",
+        description="Multiple of the latent's maximum reference activation added by 'steer'",
+    )
+    null_draws: int = Field(
+        default=8,
+        ge=1,
+        title="Null Draws",
+        description="Covariance-matched random directions per latent (K); significance "
+        "needs at least 2",
+    )
+    seqs_per_latent: int = Field(
+        default=16,
+        ge=1,
+        title="Sequences per Latent",
+        description="Most evaluation sequences (those where the latent fires) per latent",
+    )
+    latents: str | int | list[int] = Field(
+        default="all",
+        title="Latents",
+        description="Latents to evaluate: 'all', a count (a random subset drawn with "
+        "random_seed), or a list of latent indices ('3,17,42' or '[3]' on the command line)",
+    )
+    llm_batch_size: int = Field(
+        default=16,
+        ge=1,
+        title="LLM Batch Size",
+        description="Sequences per forward pass when collecting reference statistics",
+    )
+    copy_batch_size: int = Field(
+        default=32,
+        ge=1,
+        title="Copy Batch Size",
+        description="Intervened sequence copies per forward pass of the model's tail",
+    )
+    fdr_level: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        title="FDR Level",
+        description="Benjamini-Hochberg false discovery rate below which a latent with "
+        "NCES > 1 counts as causally verified",
+    )
+    random_seed: int = Field(
+        default=42,
+        title="Random Seed",
+        description="Seed for the latent subset, null directions, resampling and bootstrap",
+    )
+    n_bootstrap: int = Field(
+        default=2000,
+        ge=1,
+        title="Bootstrap Resamples",
+        description="Resamples of the paired bootstrap confidence interval of each NCES",
+    )
+
+    @field_validator("latents")
+    @classmethod
+    def _parse_latents(cls, value: str | int | list[int]) -> str | int | list[int]:
+        """Accept 'all', a positive count, or non-negative indices (also as '3,17,42')."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text == "all":
+                return "all"
+            if text.isdigit():
+                value = int(text)
+            else:
+                try:
+                    value = [int(part) for part in text.strip("[]").split(",") if part.strip()]
+                except ValueError:
+                    raise ValueError(
+                        "expected 'all', a count, or comma-separated latent indices"
+                    ) from None
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("a latent count must be at least 1")
+            return value
+        if not value or min(value) < 0:
+            raise ValueError("a latent list must be non-empty, with indices >= 0")
+        return value

@@ -1,0 +1,150 @@
+"""Output of the NCES eval in SAEBench's format: flat metrics, per-latent details, output model.
+
+Undefined values (NaN, e.g. the NCES of a dead latent, or an infinite ratio) are ``null`` in
+the JSON, hence the ``float | None`` fields. Regenerate the JSON schema beside this file with
+``python -m csae_plugin.evals.nces.eval_output``.
+"""
+
+from pathlib import Path
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+from sae_bench.evals.base_eval_output import (
+    DEFAULT_DISPLAY,
+    BaseEvalOutput,
+    BaseMetricCategories,
+    BaseMetrics,
+    BaseResultDetail,
+)
+
+from csae_plugin.evals.nces.eval_config import NCESEvalConfig
+
+EVAL_TYPE_ID_NCES = "nces"
+
+SCHEMA_PATH = Path(__file__).with_name(f"eval_output_schema_{EVAL_TYPE_ID_NCES}.json")
+"""The committed JSON schema of :class:`NCESEvalOutput` (shipped as package data)."""
+
+
+@dataclass
+class NCESMetrics(BaseMetrics):
+    nces_median: float | None = Field(
+        title="Median NCES",
+        description="Median over evaluated, non-dead latents of NCES_i = sum of effects / sum "
+        "of covariance-matched null effects; above 1 = moves the output more than a random "
+        "direction of the same size",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    nces_geomean: float | None = Field(
+        title="Geometric Mean NCES",
+        description="Geometric mean of the finite, positive NCES of non-dead latents",
+    )
+    frac_verified: float | None = Field(
+        title="Fraction Verified",
+        description="Fraction of evaluated non-dead latents whose NCES > 1 passes the "
+        "Benjamini-Hochberg test at fdr_level (causally verified)",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    frac_dead: float | None = Field(
+        title="Fraction Dead",
+        description="Fraction of evaluated latents that never fire on the evaluation tokens",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    activation_weighted_nces: float | None = Field(
+        title="Activation-Weighted NCES",
+        description="Mean NCES weighted by firing frequency x mean activation when active "
+        "(the latent's mean activation on reference tokens)",
+    )
+    mean_effect_kl: float | None = Field(
+        title="Mean Effect KL",
+        description="Mean over non-dead latents of the per-sequence KL(p_clean || "
+        "p_intervened) in nats, averaged over positions from the first intervened one",
+    )
+    mean_null_kl: float | None = Field(
+        title="Mean Null KL",
+        description="The same for the covariance-matched random directions (mean over draws)",
+    )
+    n_latents_evaluated: int = Field(
+        title="Latents Evaluated",
+        description="Number of latents evaluated (dead ones included)",
+    )
+    intervention: str = Field(
+        title="Intervention",
+        description="How each latent was changed: zero, mean, resample or steer",
+    )
+    null_draws: int = Field(
+        title="Null Draws",
+        description="Random directions per latent in the null",
+    )
+
+
+@dataclass
+class NCESMetricCategories(BaseMetricCategories):
+    nces: NCESMetrics = Field(
+        title="NCES",
+        description="Causal effect of single latents relative to random directions",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+
+
+@dataclass
+class NCESLatentDetail(BaseResultDetail):
+    latent: int = Field(title="Latent", description="Index of the latent in the SAE")
+    nces: float | None = Field(
+        title="NCES",
+        description="Sum of effects / sum of null effects over the latent's sequences",
+    )
+    ci_low: float | None = Field(
+        title="CI Low", description="Lower end of the paired bootstrap CI of NCES"
+    )
+    ci_high: float | None = Field(
+        title="CI High", description="Upper end of the paired bootstrap CI of NCES"
+    )
+    p_value: float | None = Field(
+        title="p-value",
+        description="One-sided p-value that the latent's direction beats random directions",
+    )
+    q_value: float | None = Field(
+        title="q-value", description="Benjamini-Hochberg adjusted p-value across latents"
+    )
+    verified: bool = Field(title="Verified", description="q_value < fdr_level and NCES > 1")
+    dead: bool = Field(title="Dead", description="The latent never fires on the evaluation tokens")
+    effect_kl: float | None = Field(title="Effect KL", description="Mean effect per sequence, nats")
+    null_kl: float | None = Field(
+        title="Null KL", description="Mean null effect per sequence, nats"
+    )
+    n_sequences: int = Field(
+        title="Sequences", description="Evaluation sequences in which the latent was scored"
+    )
+
+
+@dataclass(config=ConfigDict(title="NCES"))
+class NCESEvalOutput(BaseEvalOutput[NCESEvalConfig, NCESMetricCategories, NCESLatentDetail]):
+    # This will end up being the description of the eval in the UI.
+    """
+    Normalized Causal Effect Score: for each latent, how much changing only that latent (with
+    the SAE error kept) moves the model's output distribution, relative to perturbations of
+    the same size at the same positions along covariance-matched random directions. A latent
+    is causally verified when its NCES is significantly above 1.
+    """
+
+    eval_config: NCESEvalConfig
+    eval_id: str
+    datetime_epoch_millis: int
+    eval_result_metrics: NCESMetricCategories
+    eval_result_details: list[NCESLatentDetail] = Field(
+        default_factory=list,
+        title="Per-Latent NCES",
+        description="NCES, confidence interval, q-value and verdict of each evaluated latent",
+    )
+    eval_type_id: str = Field(
+        default=EVAL_TYPE_ID_NCES,
+        title="Eval Type ID",
+        description="The type of the evaluation",
+    )
+
+
+if __name__ == "__main__":
+    from sae_bench.evals.generate_json_schemas import generate_json_schema
+
+    generate_json_schema(NCESEvalOutput, str(SCHEMA_PATH))
+    print(f"wrote {SCHEMA_PATH}")

@@ -1,0 +1,299 @@
+"""Run the NCES eval on SAEs and write SAEBench-format results.
+
+:func:`evaluate_sae` scores one SAE on given tokens (no files); :func:`run_eval` is SAEBench's
+contract: for each selected SAE, write ``<output_path>/<release>_<sae_id>_eval_results.json``
+unless it already exists. Results are written atomically, so the SAE is the resume unit: an
+interrupted run leaves the finished SAEs' files and no partial one, and a rerun skips them.
+
+Evaluation sequences come from the corpus's held-out split (``data.corpus_splits(...).eval``),
+reference sequences (null covariance, mean/resample/steer values) from its training split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sae_bench.sae_bench_utils import get_eval_uuid, get_sae_lens_version
+from sae_lens import SAE
+from transformer_lens import HookedTransformer
+
+from csae_plugin import models
+from csae_plugin.data import corpus_splits
+from csae_plugin.evals import (
+    EvalInputError,
+    add_config_arguments,
+    config_from_args,
+    json_safe,
+    results_path,
+    sae_bench_version,
+    validate_inputs,
+    write_json_atomic,
+)
+from csae_plugin.evals.nces.eval_config import EMBEDDED_DATASET, NCESEvalConfig
+from csae_plugin.evals.nces.eval_output import (
+    NCESEvalOutput,
+    NCESLatentDetail,
+    NCESMetricCategories,
+    NCESMetrics,
+)
+from csae_plugin.interventions import latent_effects, reference_stats
+from csae_plugin.loading import load_sae, load_sae_from_folder
+from csae_plugin.nces import effects_details, nces_metrics
+
+CUSTOM_SAE_ID = "custom_sae"
+"""SAEBench's ``sae_id`` for an SAE passed in as an object (its result file name)."""
+
+
+def select_latents(latents: str | int | list[int], d_sae: int, seed: int) -> np.ndarray:
+    """The latent indices to evaluate: all, a seeded random subset of a count, or a list."""
+    if latents == "all":
+        return np.arange(d_sae)
+    if isinstance(latents, int):
+        if latents >= d_sae:
+            return np.arange(d_sae)
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(d_sae, size=latents, replace=False))
+    ids = np.asarray(latents, dtype=np.int64)
+    if ids.min() < 0 or ids.max() >= d_sae:
+        raise EvalInputError(
+            f"latent index {int(ids.max())} out of range: the SAE has d_sae={d_sae} latents"
+        )
+    return ids
+
+
+def load_tokens(
+    model: HookedTransformer, config: NCESEvalConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(evaluation, reference) token rows for ``config`` from the model's tokenizer.
+
+    Evaluation: the first ``n_eval_sequences`` of the held-out split; reference: the first
+    ``n_reference_sequences`` of the training split (both splits are already shuffled).
+    """
+    if model.tokenizer is None:
+        raise EvalInputError(
+            f"model {model.cfg.model_name} has no tokenizer; pass eval_tokens and "
+            "reference_tokens as token tensors"
+        )
+    dataset = None if config.dataset == EMBEDDED_DATASET else config.dataset
+    splits = corpus_splits(model.tokenizer, config.context_size, dataset=dataset)
+    return splits.eval[: config.n_eval_sequences], splits.train[: config.n_reference_sequences]
+
+
+def evaluate_sae(
+    model: HookedTransformer,
+    sae: SAE,
+    eval_tokens: torch.Tensor,
+    reference_tokens: torch.Tensor,
+    config: NCESEvalConfig,
+    progress: bool = True,
+    *,
+    bos_token_id: int | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """NCES of ``sae``'s latents: flat metrics (``NCESMetrics`` fields) and per-latent details.
+
+    ``bos_token_id`` defaults to the model tokenizer's; a BOS at position 0 is never
+    intervened on nor scored.
+    """
+    latents = select_latents(config.latents, sae.cfg.d_sae, config.random_seed)
+    with torch.no_grad():
+        stats = reference_stats(
+            model,
+            sae,
+            reference_tokens,
+            batch_size=config.llm_batch_size,
+            seed=config.random_seed,
+            bos_token_id=bos_token_id,
+            progress=progress,
+        )
+        effects = latent_effects(
+            model,
+            sae,
+            eval_tokens,
+            latents,
+            stats,
+            intervention=config.intervention,
+            null_draws=config.null_draws,
+            seqs_per_latent=config.seqs_per_latent,
+            alpha=config.steer_alpha,
+            batch_size=config.copy_batch_size,
+            seed=config.random_seed,
+            bos_token_id=bos_token_id,
+            progress=progress,
+        )
+    details = effects_details(
+        effects,
+        fdr_level=config.fdr_level,
+        n_resamples=config.n_bootstrap,
+        seed=config.random_seed,
+    )
+    metrics: dict[str, Any] = nces_metrics(details, stats.mean_act.cpu().numpy())
+    metrics.update(intervention=config.intervention, null_draws=config.null_draws)
+    return metrics, details
+
+
+def eval_output(
+    config: NCESEvalConfig,
+    sae: SAE,
+    release: str,
+    sae_id: str,
+    metrics: dict[str, Any],
+    details: pd.DataFrame,
+    eval_id: str | None = None,
+) -> NCESEvalOutput:
+    """The SAEBench output object for one SAE (NaN and inf become ``None``)."""
+    return NCESEvalOutput(
+        eval_config=config,
+        eval_id=eval_id or get_eval_uuid(),
+        datetime_epoch_millis=int(time.time() * 1000),
+        eval_result_metrics=NCESMetricCategories(nces=NCESMetrics(**json_safe(metrics))),
+        eval_result_details=[
+            NCESLatentDetail(**row) for row in json_safe(details.to_dict("records"))
+        ],
+        sae_bench_commit_hash=sae_bench_version(),
+        sae_lens_id=sae_id,
+        sae_lens_release_id=release,
+        sae_lens_version=get_sae_lens_version(),
+        sae_cfg_dict=sae.cfg.to_dict(),
+    )
+
+
+def evaluate_and_save(
+    config: NCESEvalConfig,
+    model: HookedTransformer,
+    sae: SAE,
+    release: str,
+    sae_id: str,
+    output_path: str | Path,
+    eval_tokens: torch.Tensor,
+    reference_tokens: torch.Tensor,
+    *,
+    force_rerun: bool = False,
+    progress: bool = True,
+    bos_token_id: int | None = None,
+    eval_id: str | None = None,
+) -> dict[str, Any] | None:
+    """Evaluate one SAE and write its result file; ``None`` if it exists and not forced."""
+    path = results_path(output_path, release, sae_id)
+    if path.exists() and not force_rerun:
+        print(f"Skipping {release}_{sae_id} as results already exist")
+        return None
+    validate_inputs(model, sae, eval_tokens, reference_tokens)
+    metrics, details = evaluate_sae(
+        model, sae, eval_tokens, reference_tokens, config, progress, bos_token_id=bos_token_id
+    )
+    result = asdict(eval_output(config, sae, release, sae_id, metrics, details, eval_id))
+    write_json_atomic(path, result)
+    return result
+
+
+def run_eval(
+    config: NCESEvalConfig,
+    selected_saes: list[tuple[str, str | SAE]],
+    device: str,
+    output_path: str,
+    force_rerun: bool = False,
+    model: HookedTransformer | None = None,
+    eval_tokens: torch.Tensor | None = None,
+    reference_tokens: torch.Tensor | None = None,
+) -> dict[str, dict[str, Any]]:
+    """SAEBench's eval contract: evaluate each SAE, write its result, return them by name.
+
+    ``selected_saes`` holds ``(release, sae_id)`` pairs (a SAELens release, or any release
+    name with a saved SAE folder as the id) or ``(name, SAE)`` pairs (saved as
+    ``<name>_custom_sae``, as SAEBench does). The model is loaded from ``config.model_name``
+    and the tokens from ``config.dataset`` only when not passed in, and only if some SAE
+    has no result yet.
+    """
+    Path(output_path).mkdir(parents=True, exist_ok=True)
+    todo = []
+    for release, sae_or_id in selected_saes:
+        sae_id = _sae_id(sae_or_id)
+        if results_path(output_path, release, sae_id).exists() and not force_rerun:
+            print(f"Skipping {release}_{sae_id} as results already exist")
+            continue
+        todo.append((release, sae_id, sae_or_id))
+    if not todo:
+        return {}
+    if model is None:
+        model = models.load_model(config.model_name, device=device)
+    if eval_tokens is None or reference_tokens is None:
+        loaded_eval, loaded_reference = load_tokens(model, config)
+        eval_tokens = loaded_eval if eval_tokens is None else eval_tokens
+        reference_tokens = loaded_reference if reference_tokens is None else reference_tokens
+    eval_id = get_eval_uuid()
+    results = {}
+    for release, sae_id, sae_or_id in todo:
+        sae = _load(release, sae_or_id, model.cfg.device)
+        result = evaluate_and_save(
+            config,
+            model,
+            sae,
+            release,
+            sae_id,
+            output_path,
+            eval_tokens,
+            reference_tokens,
+            force_rerun=True,
+            eval_id=eval_id,
+        )
+        results[f"{release}_{sae_id}"] = result
+    return results
+
+
+def _sae_id(sae_or_id: str | SAE) -> str:
+    """The ``sae_id`` naming the result: SAEBench's for objects, the folder name for folders."""
+    if isinstance(sae_or_id, SAE):
+        return CUSTOM_SAE_ID
+    folder = Path(sae_or_id).expanduser()
+    return folder.resolve().name if folder.is_dir() else sae_or_id
+
+
+def _load(release: str, sae_or_id: str | SAE, device: str) -> SAE:
+    if isinstance(sae_or_id, SAE):
+        return sae_or_id.to(device)
+    folder = Path(sae_or_id).expanduser()
+    if folder.is_dir():
+        return load_sae_from_folder(folder, device=device)
+    return load_sae(f"{release}:{sae_or_id}", device=device)[0]
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    """SAEBench-style parser: SAEs by SAELens regex or local folders, config fields as flags."""
+    parser = argparse.ArgumentParser(description="Run the NCES causal-effect evaluation")
+    parser.add_argument(
+        "--sae_regex_pattern",
+        help="Regex pattern for SAELens release names (with --sae_block_pattern)",
+    )
+    parser.add_argument("--sae_block_pattern", help="Regex pattern for SAELens SAE ids")
+    parser.add_argument("--sae_paths", nargs="+", default=[], help="Saved SAE folders")
+    parser.add_argument("--output_folder", default="eval_results/nces", help="Output folder")
+    parser.add_argument("--force_rerun", action="store_true", help="Force rerun of experiments")
+    parser.add_argument("--device", default=None, help="Device (default: cuda if available)")
+    add_config_arguments(parser, NCESEvalConfig)
+    return parser
+
+
+if __name__ == "__main__":
+    """
+    python -m csae_plugin.evals.nces.main --sae_paths path/to/sae_folder \
+        --model_name gemma-3-270m --latents 64 --null_draws 8
+    """
+    from sae_bench.sae_bench_utils.general_utils import setup_environment
+    from sae_bench.sae_bench_utils.sae_selection_utils import get_saes_from_regex
+
+    args = arg_parser().parse_args()
+    device = args.device or setup_environment()
+    config = config_from_args(NCESEvalConfig, args)
+    selected: list[tuple[str, str | SAE]] = [("local", path) for path in args.sae_paths]
+    if args.sae_regex_pattern:
+        selected += get_saes_from_regex(args.sae_regex_pattern, args.sae_block_pattern or ".*")
+    start_time = time.time()
+    run_eval(config, selected, device, args.output_folder, args.force_rerun)
+    print(f"Finished evaluation in {time.time() - start_time:.1f} seconds")
