@@ -46,7 +46,10 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--lambda-kl", type=float, default=1.0, help="causal SAE's KL weight")
     parser.add_argument("--kl-every", type=int, default=10)
-    parser.add_argument("--latents", type=int, default=24, help="latents scored by nces")
+    parser.add_argument("--latents", type=int, default=16, help="latents scored by nces")
+    parser.add_argument(
+        "--nces-context", type=int, default=64, help="tokens per sequence scored by nces"
+    )
     parser.add_argument("--null-draws", type=int, default=4)
     parser.add_argument("--seqs-per-latent", type=int, default=4)
     parser.add_argument("--n-eval-sequences", type=int, default=64)
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             "null_draws": args.null_draws,
             "seqs_per_latent": args.seqs_per_latent,
             "random_seed": args.seed,
+            "context_size": args.nces_context,
         },
     )
     table = load_results([out / "eval_results"])

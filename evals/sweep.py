@@ -182,7 +182,24 @@ def run(
         + "\n"
     )
     plot_results(table, out / "plots", eval_dirs=[eval_dir])
+    plot_verified(table, out / "plots" / "l0_vs_frac_verified.png")
     return table
+
+
+def plot_verified(table: pd.DataFrame, path: Path) -> None:
+    """L0 against fraction of verified latents, one line per architecture."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for arch, rows in table.groupby("architecture"):
+        rows = rows.sort_values("l0")
+        ax.plot(rows["l0"], rows["frac_verified"], marker="o", label=arch)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("fraction of latents verified (NCES > 1, q < 0.05)")
+    ax.legend()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,8 +99,10 @@ def evaluate_sae(
     """NCES of ``sae``'s latents: flat metrics (``NCESMetrics`` fields) and per-latent details.
 
     ``bos_token_id`` defaults to the model tokenizer's; a BOS at position 0 is never
-    intervened on nor scored.
+    intervened on nor scored. Token rows longer than ``config.context_size`` are cut to it
+    (their first ``context_size`` tokens), so the same tokens can serve core and a cheaper NCES.
     """
+    eval_tokens = eval_tokens[:, : config.context_size]
     latents = select_latents(config.latents, sae.cfg.d_sae, config.random_seed)
     with torch.no_grad():
         stats = reference_stats(
