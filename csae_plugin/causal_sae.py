@@ -261,12 +261,15 @@ class CausalTrainingSAE(TrainingSAE[CausalTrainingSAEConfig]):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        verification = self._maybe_verify(step_input)
+        self._maybe_verify(step_input)
         output = super().training_forward_pass(step_input)
         if self.cfg.activation == "batchtopk":
             self._update_topk_threshold(output.feature_acts)
-        if verification is not None:
-            output.metrics.update(verification)
+        if self._context is not None and self._context.history:
+            # the latest verification rides on every step, so SAELens's logger (which logs
+            # every wandb_log_frequency steps) always sees it
+            latest = self._context.history[-1]
+            output.metrics.update({f"verify_{k}": v for k, v in latest.items() if k != "step"})
         return output
 
     @override
@@ -320,7 +323,9 @@ class CausalTrainingSAE(TrainingSAE[CausalTrainingSAEConfig]):
         if self._context is None:
             self._warn_no_model()
             return None
-        return self._context.verify(self, dead_neuron_mask=step_input.dead_neuron_mask)
+        return self._context.verify(
+            self, dead_neuron_mask=step_input.dead_neuron_mask, step=step_input.n_training_steps
+        )
 
     def _warn_no_model(self) -> None:
         if not self._warned_no_model:

@@ -6,6 +6,7 @@ creates it and attaches it to the training SAE, which calls :meth:`kl_term` and 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities.activation_functions import softcap_enabled
+from transformer_lens.utilities.tokenize_utils import get_attention_mask
 
 if TYPE_CHECKING:
     from csae_plugin.causal_sae import CausalTrainingSAE
@@ -36,6 +39,70 @@ def kl_clean_vs_spliced(
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
+KL_CHUNK_BYTES = 64 * 2**20
+"""Budget for one chunk of logits [rows, d_vocab] in the KL term (bounds its peak memory)."""
+
+
+class _LeanKL(torch.autograd.Function):
+    """Mean over rows of KL(p_clean || p_spliced) from final residuals, one chunk of rows at a
+    time, so the [rows, d_vocab] logits never exist all at once.
+
+    The result is a scalar, so its gradient wrt the spliced residual, ``(q - p) @ W_U.T`` per
+    row (times the softcap's derivative), is computed in the same chunked pass when needed and
+    only scaled in :meth:`backward`; nothing vocabulary-sized is kept for the backward pass.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h: torch.Tensor,
+        clean_h: torch.Tensor,
+        w_u: torch.Tensor,
+        b_u: torch.Tensor,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        n_rows = h.shape[0]
+        cap = softcap if softcap_enabled(softcap) else None
+        grad = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        step = max(1, KL_CHUNK_BYTES // (4 * w_u.shape[1]))
+        for r in range(0, n_rows, step):
+            logp = _capped(torch.addmm(b_u, clean_h[r : r + step], w_u), cap).log_softmax(-1)
+            zq = _capped(torch.addmm(b_u, h[r : r + step], w_u), cap)
+            logq = zq.log_softmax(-1)
+            p = logp.exp()
+            total += torch.linalg.vecdot(p, logp.sub_(logq)).double().sum()
+            if grad is not None:
+                dz = logq.exp_().sub_(p)  # dKL/dz_spliced = q - p
+                if cap is not None:
+                    dz.mul_(1 - (zq / cap).square())
+                grad[r : r + step] = dz @ w_u.T
+        denom = max(n_rows, 1)
+        ctx.save_for_backward(None if grad is None else grad / denom)
+        return (total / denom).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad_output * grad), None, None, None, None
+
+
+def _capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
+
+
+def _resid_start(hook_name: str) -> int | None:
+    """The block whose input is the activation at a residual-stream hook (None: other hooks)."""
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook_name)
+    if match is None:
+        return None
+    return int(match.group(1)) + (match.group(2) == "post")
+
+
+def _final_residual(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+
+
 @dataclass
 class CausalTrainingContext:
     """What the causal SAE needs from the runner: the frozen model and token sequences."""
@@ -52,27 +119,70 @@ class CausalTrainingContext:
 
     def spliced_kl(self, sae: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """KL(p_clean || p_spliced) with the SAE's reconstruction spliced in at the hook at every
-        scored position (BOS/padding keep their clean activation). Differentiable in the SAE."""
+        scored position (BOS/padding keep their clean activation). Differentiable in the SAE.
+
+        At a residual-stream hook the model runs once up to the hook, and the clean and
+        spliced passes only from there; the KL is reduced chunk by chunk (:class:`_LeanKL`),
+        so its cost is the layers after the hook plus three unembeddings of the scored rows.
+        """
+        model = self.model
+        tokens = tokens.to(model.cfg.device)
         mask = special_token_mask(tokens, self.special_ids)
-        with torch.no_grad():
-            clean_logits, cache = self.model.run_with_cache(tokens, names_filter=[self.hook_name])
-        x = cache[self.hook_name]
-        recon = self.scaler.unscale(sae.decode(sae.encode(self.scaler.scale(x))))
-        spliced = torch.where(mask.unsqueeze(-1), recon.to(x.dtype), x)
-        spliced_logits = self.model.run_with_hooks(
-            tokens, fwd_hooks=[(self.hook_name, lambda act, hook: spliced)]
+
+        def splice(x: torch.Tensor) -> torch.Tensor:
+            recon = self.scaler.unscale(sae.decode(sae.encode(self.scaler.scale(x))))
+            keep = mask.reshape(*mask.shape, *([1] * (x.ndim - 2)))
+            return torch.where(keep, recon.reshape(x.shape).to(x.dtype), x)
+
+        n_layers = model.cfg.n_layers
+        start = _resid_start(self.hook_name)
+        if start is None:
+            with torch.no_grad():
+                clean = model(tokens, stop_at_layer=n_layers)
+            spliced = model.run_with_hooks(
+                tokens,
+                stop_at_layer=n_layers,
+                fwd_hooks=[(self.hook_name, lambda act, hook: splice(act))],
+            )
+        else:
+            attention_mask = None
+            tokenizer = model.tokenizer
+            if tokenizer is not None and tokenizer.padding_side == "left":
+                attention_mask = get_attention_mask(
+                    tokenizer, tokens, model.cfg.default_prepend_bos
+                )
+            with torch.no_grad():
+                x = model(tokens, stop_at_layer=start)
+                clean = model(
+                    x, start_at_layer=start, stop_at_layer=n_layers, attention_mask=attention_mask
+                )
+            spliced = model(
+                splice(x),
+                start_at_layer=start,
+                stop_at_layer=n_layers,
+                attention_mask=attention_mask,
+            )
+        clean_h = _final_residual(model, clean)[mask]
+        spliced_h = _final_residual(model, spliced)[mask]
+        unembed = model.unembed
+        return _LeanKL.apply(
+            spliced_h, clean_h.detach(), unembed.W_U, unembed.b_U, model.cfg.output_logits_soft_cap
         )
-        return kl_clean_vs_spliced(clean_logits, spliced_logits, mask)
 
     def kl_term(self, sae: CausalTrainingSAE) -> torch.Tensor:
         tokens = self.next_tokens(sae.cfg.kl_batch_size)
         return self.spliced_kl(sae, tokens)
 
     def verify(
-        self, sae: CausalTrainingSAE, dead_neuron_mask: torch.Tensor | None
+        self,
+        sae: CausalTrainingSAE,
+        dead_neuron_mask: torch.Tensor | None,
+        step: int | None = None,
     ) -> dict[str, float]:
+        """Causal verification (term 4); the result, with its training ``step``, is appended
+        to :attr:`history`."""
         from csae_plugin.verification import verify_and_act
 
         result = verify_and_act(self, sae, dead_neuron_mask)
-        self.history.append(result)
+        self.history.append({"step": step, **result})
         return result
