@@ -42,7 +42,7 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="demo_output", help="where results go")
     parser.add_argument("--d-sae", type=int, default=2048, help="SAE width")
     parser.add_argument("--k", type=int, default=32, help="target L0 of both SAEs")
-    parser.add_argument("--training-tokens", type=int, default=120_000)
+    parser.add_argument("--training-tokens", type=int, default=80_000)
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--lambda-kl", type=float, default=1.0, help="causal SAE's KL weight")
     parser.add_argument("--kl-every", type=int, default=10)
@@ -52,7 +52,7 @@ def arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--null-draws", type=int, default=4)
     parser.add_argument("--seqs-per-latent", type=int, default=4)
-    parser.add_argument("--n-eval-sequences", type=int, default=64)
+    parser.add_argument("--n-eval-sequences", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser
