@@ -23,9 +23,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import nn
-from typing_extensions import override
-
 from sae_lens.saes.batchtopk_sae import BatchTopK
 from sae_lens.saes.sae import (
     SAE,
@@ -37,6 +34,8 @@ from sae_lens.saes.sae import (
     TrainStepOutput,
 )
 from sae_lens.saes.topk_sae import TopK, calculate_topk_aux_acts
+from torch import nn
+from typing_extensions import override
 
 if TYPE_CHECKING:
     from csae_plugin.training_terms import CausalTrainingContext
@@ -190,7 +189,9 @@ class CausalTrainingSAEConfig(TrainingSAEConfig):
         super().__post_init__()
         _validate_activation(self.activation, self.k, self.d_sae)
         if self.kl_every < 1:
-            raise ValueError(f"kl_every={self.kl_every} must be >= 1 (set lambda_kl=0 to turn KL off)")
+            raise ValueError(
+                f"kl_every={self.kl_every} must be >= 1 (set lambda_kl=0 to turn KL off)"
+            )
         if self.kl_batch_size < 1:
             raise ValueError(f"kl_batch_size={self.kl_batch_size} must be >= 1")
         if self.lambda_kl < 0:
@@ -218,8 +219,12 @@ class CausalTrainingSAE(TrainingSAE[CausalTrainingSAEConfig]):
 
     def __init__(self, cfg: CausalTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-        self.register_buffer("topk_threshold", torch.zeros((), dtype=self.dtype, device=self.device))
-        self.register_buffer("l1_weights", torch.ones(cfg.d_sae, dtype=self.dtype, device=self.device))
+        self.register_buffer(
+            "topk_threshold", torch.zeros((), dtype=self.dtype, device=self.device)
+        )
+        self.register_buffer(
+            "l1_weights", torch.ones(cfg.d_sae, dtype=self.dtype, device=self.device)
+        )
         self._context: CausalTrainingContext | None = None
         self._warned_no_model = False
 
@@ -303,7 +308,9 @@ class CausalTrainingSAE(TrainingSAE[CausalTrainingSAEConfig]):
         residual = (step_input.sae_in - sae_out).detach()
         k_aux = min(step_input.sae_in.shape[-1] // 2, num_dead)
         scale = min(num_dead / (step_input.sae_in.shape[-1] // 2), 1.0)
-        aux_acts = calculate_topk_aux_acts(k_aux=k_aux, hidden_pre=hidden_pre, dead_neuron_mask=mask)
+        aux_acts = calculate_topk_aux_acts(
+            k_aux=k_aux, hidden_pre=hidden_pre, dead_neuron_mask=mask
+        )
         recons = (aux_acts / self.W_dec.norm(dim=-1)) @ self.W_dec
         aux_loss = (recons - residual).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * scale * aux_loss

@@ -48,7 +48,7 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl-every", type=int, default=10)
     parser.add_argument("--latents", type=int, default=16, help="latents scored by nces")
     parser.add_argument(
-        "--nces-context", type=int, default=64, help="tokens per sequence scored by nces"
+        "--eval-context", type=int, default=64, help="tokens per held-out sequence scored"
     )
     parser.add_argument("--null-draws", type=int, default=4)
     parser.add_argument("--seqs-per-latent", type=int, default=4)
@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         evals=["core", "nces"],
         sae_specs=[str(f) for f in folders],
         model=model,
-        eval_tokens=splits.eval[: args.n_eval_sequences],
-        reference_tokens=splits.train[: args.n_eval_sequences],
+        # core and nces read the same held-out rows, cut to --eval-context tokens
+        eval_tokens=splits.eval[: args.n_eval_sequences, : args.eval_context],
+        reference_tokens=splits.train[: args.n_eval_sequences, : args.eval_context],
         output_dir=out / "eval_results",
         device=args.device,
         nces_overrides={
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             "null_draws": args.null_draws,
             "seqs_per_latent": args.seqs_per_latent,
             "random_seed": args.seed,
-            "context_size": args.nces_context,
+            "context_size": args.eval_context,
         },
     )
     table = load_results([out / "eval_results"])

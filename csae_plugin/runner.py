@@ -68,5 +68,5 @@ class CausalSAETrainingRunner(LanguageModelSAETrainingRunner):
         try:
             return super().run_trainer_with_interruption_handling(trainer)
         finally:
-            for param, flag in zip(self.model.parameters(), grad_flags):
+            for param, flag in zip(self.model.parameters(), grad_flags, strict=True):
                 param.requires_grad_(flag)

@@ -9,6 +9,7 @@ runner for the baselines). This module only builds the configs; the training is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,9 @@ class _MeanInitRunner(CausalSAETrainingRunner):
         batch = torch.cat([next(trainer.data_provider) for _ in range(4)])
         with torch.no_grad():
             self.sae.b_dec.copy_(scaler.scale(batch).mean(0).to(self.sae.b_dec))
+        # SAELens moves its bar every 100 steps; short runs would show 0% to the end.
+        steps = self.cfg.total_training_steps
+        trainer._update_pbar = partial(trainer._update_pbar, update_interval=max(1, steps // 50))
         return super().run_trainer_with_interruption_handling(trainer)
 
 

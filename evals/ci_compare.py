@@ -23,7 +23,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import sweep  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "results" / "reference_ci.json"
-METRICS = ("l0", "explained_variance", "ce_loss_score", "kl_div_score", "nces_median", "frac_verified")
+METRICS = (
+    "l0",
+    "explained_variance",
+    "ce_loss_score",
+    "kl_div_score",
+    "nces_median",
+    "frac_verified",
+)
 TOLERANCES = {
     "l0": ("relative", 0.10),
     "explained_variance": ("absolute", 0.05),
@@ -54,7 +61,9 @@ def compare(table: pd.DataFrame, reference: dict) -> list[str]:
             ref, now = row[metric], float(table.loc[name, metric])
             limit = tol * abs(ref) if kind == "relative" else tol
             if not abs(now - ref) <= limit:
-                problems.append(f"{name}.{metric}: {now:.4g} vs reference {ref:.4g} (tolerance {limit:.3g})")
+                problems.append(
+                    f"{name}.{metric}: {now:.4g} vs reference {ref:.4g} (tolerance {limit:.3g})"
+                )
     ref_adv, now_adv = reference["causal_advantage"], advantage(table)
     if now_adv < ref_adv - ADVANTAGE_DROP:
         problems.append(

@@ -9,7 +9,12 @@ import logging
 import pytest
 import torch
 from conftest import BOS, D_MODEL, make_tokens, runner_config
-from sae_lens import SAE, HookedSAETransformer, LanguageModelSAETrainingRunner, TopKTrainingSAEConfig
+from sae_lens import (
+    SAE,
+    HookedSAETransformer,
+    LanguageModelSAETrainingRunner,
+    TopKTrainingSAEConfig,
+)
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
 import csae_plugin
@@ -68,7 +73,9 @@ def test_registration_is_idempotent_on_reimport_and_reload():
 def test_plain_saelens_runner_trains_and_saves_a_causal_sae(
     tiny_model, tiny_dataset, tmp_path, activation, caplog
 ):
-    cfg = runner_config(causal_cfg(activation, kl_every=2), tmp_path / "out", training_tokens=16 * 64)
+    cfg = runner_config(
+        causal_cfg(activation, kl_every=2), tmp_path / "out", training_tokens=16 * 64
+    )
     with caplog.at_level(logging.WARNING):
         sae = LanguageModelSAETrainingRunner(
             cfg, override_model=tiny_model, override_dataset=tiny_dataset
@@ -111,7 +118,9 @@ def test_causal_runner_attaches_the_model_and_computes_kl(tiny_model, tiny_datas
 # 3. the KL term lowers KL(clean || spliced): a measured comparison with fixed seeds
 def _heldout_kl(sae: CausalTrainingSAE, model, tokens: torch.Tensor) -> float:
     context = CausalTrainingContext(
-        model=model, hook_name="blocks.0.hook_resid_post", next_tokens=None,
+        model=model,
+        hook_name="blocks.0.hook_resid_post",
+        next_tokens=None,
         special_ids=torch.tensor([BOS]),
     )
     with torch.no_grad():
@@ -127,7 +136,9 @@ def test_kl_term_lowers_downstream_kl_against_the_same_run_without_it(tiny_model
             causal_cfg("topk", k=2, lambda_kl=lambda_kl, kl_every=1, kl_batch_size=8),
             training_tokens=16 * 512,
         )
-        runner = CausalSAETrainingRunner(cfg, override_model=tiny_model, override_dataset=tiny_dataset)
+        runner = CausalSAETrainingRunner(
+            cfg, override_model=tiny_model, override_dataset=tiny_dataset
+        )
         kls[lambda_kl] = _heldout_kl(runner.run(), tiny_model, heldout)
     assert kls[10.0] < 0.8 * kls[0.0], kls
 

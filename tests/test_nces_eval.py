@@ -208,3 +208,41 @@ def test_e8_core_runs_on_given_model_and_tokens(tmp_path):
         run_core(model, sae, tokens, release="local", sae_id="tiny", output_path=tmp_path / "core")
         is None
     )
+
+
+# E9. core's explained variance is the conventional one: an SAE that outputs only the mean
+# activation explains ~0 (SAEBench 0.6.0's own formula says ~1 on high-mean activations), and the
+# written value equals 1 - SSE / SST computed here over the same positions.
+def test_e9_core_explained_variance_is_conventional(tmp_path):
+    model, tokens = make_tiny_model(), make_tokens(32, seed=4)
+    _, cache = model.run_with_cache(tokens, names_filter=[HOOK])
+    x = cache[HOOK][:, 1:].reshape(-1, D_MODEL).double()  # BOS excluded, as core's ignore_tokens
+    shift = 50.0 * torch.ones(D_MODEL)  # a large mean, as in real residual streams
+
+    def shifted(act, hook):
+        return act + shift
+
+    model.add_perma_hook(HOOK, shifted)
+    x = x + shift.double()
+    mean_only = tiny_sae()
+    with torch.no_grad():
+        mean_only.W_dec.zero_()
+        mean_only.b_dec.copy_(x.mean(0).float())
+    sae = tiny_sae(seed=1)
+    for name, candidate in (("mean_only", mean_only), ("random", sae)):
+        result = run_core(
+            model,
+            candidate,
+            tokens,
+            release="local",
+            sae_id=name,
+            output_path=tmp_path / "core",
+            bos_token_id=BOS,
+            progress=False,
+        )
+        written = result["eval_result_metrics"]["reconstruction_quality"]["explained_variance"]
+        x_hat = candidate.decode(candidate.encode(x.float())).double()
+        expected = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        assert written == pytest.approx(float(expected), rel=1e-5, abs=1e-4)
+        if name == "mean_only":
+            assert abs(written) < 1e-3

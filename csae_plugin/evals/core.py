@@ -3,13 +3,21 @@
 SAEBench's ``multiple_evals`` loads the model and dataset from the hub by name. This runs the
 same steps on an already built ``HookedTransformer`` and token rows (the held-out split):
 SAEBench's ``run_evals`` on a SAELens ``ActivationsStore`` over the tokens, its misc metrics,
-its NaN -> -1 cleaning and its ``save_single_eval_result``, so the numbers are exactly core's
-(including the 0.6.0 quirks noted in ``shared/design/csae.md``), written atomically.
+its NaN -> -1 cleaning and its ``save_single_eval_result``, so the numbers are core's, written
+atomically, with one exception: ``explained_variance``.
+
+SAEBench 0.6.0's ``explained_variance`` measures total variance about a wrong centre (it squares
+``E[x_d^2]`` where ``E[x_d]`` belongs, the bug SAELens fixed upstream in PR #665); on residual
+streams with a large mean, such as Gemma's, it comes out above 1. :func:`run_core` replaces it by
+the conventional ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the same tokens and
+positions (:func:`explained_variance`). ``explained_variance_legacy`` and all other fields are
+SAEBench's own.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +135,14 @@ def run_core(
         "eval_cfg": config,
         "metrics": scalar_metrics,
     }
+    if config.compute_variance_metrics:
+        scalar_metrics["reconstruction_quality"]["explained_variance"] = explained_variance(
+            model,
+            sae,
+            tokens[: config.n_eval_sparsity_variance_batches * config.batch_size_prompts],
+            special_token_ids(model, bos_token_id),
+            config.batch_size_prompts,
+        )
     if config.compute_featurewise_density_statistics or (
         config.compute_featurewise_weight_based_metrics
     ):
@@ -142,6 +158,43 @@ def run_core(
             sae,
         )
     return json.loads(path.read_text())
+
+
+@torch.no_grad()
+def explained_variance(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: torch.Tensor,
+    ignore_tokens: set[int],
+    batch_size: int = DEFAULT_BATCH_SIZE_PROMPTS,
+) -> float:
+    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` at the SAE's hook over ``tokens``.
+
+    Positions holding an ``ignore_tokens`` id are left out (as core does); sums in float64.
+    """
+    hook = sae.cfg.metadata.hook_name
+    layer = re.match(r"blocks\.(\d+)\.", hook)
+    ignore = torch.tensor(sorted(ignore_tokens), dtype=torch.long)
+    n, total, total_sq, resid_sq = 0, 0.0, 0.0, 0.0
+    for rows in tokens.split(batch_size):
+        _, cache = model.run_with_cache(
+            rows.to(model.cfg.device),
+            names_filter=[hook],
+            stop_at_layer=None if layer is None else int(layer.group(1)) + 1,
+            return_type=None,
+        )
+        keep = ~torch.isin(rows, ignore)
+        x = cache[hook].flatten(2)[keep.to(model.cfg.device)].to(sae.dtype)
+        x_hat = sae.decode(sae.encode(x))
+        x, x_hat = x.double(), x_hat.double()
+        n += x.shape[0]
+        total = total + x.sum(0)
+        total_sq += float(x.pow(2).sum())
+        resid_sq += float((x - x_hat).pow(2).sum())
+    if n == 0:
+        raise ValueError("no positions left for explained variance; pass non-special tokens")
+    variance = total_sq - float((total**2).sum()) / n
+    return 1.0 - resid_sq / variance
 
 
 def _activation_store(
