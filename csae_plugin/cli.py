@@ -353,14 +353,20 @@ def plot_results(
     if details:
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.subplots()
+        logs = {}
         for label, values in details.items():
             nces = np.array([v for v in values if v is not None], dtype=float)
-            nces = nces[np.isfinite(nces) & (nces > 0)]
-            if len(nces):
-                ax.hist(np.log10(nces), bins=30, histtype="step", linewidth=1.5, label=label)
+            logs[label] = np.log10(nces[np.isfinite(nces) & (nces > 0)])
+        pooled = np.concatenate([*logs.values(), [0.0]])
+        n_bins = int(np.clip(np.sqrt(len(pooled)), 8, 30))  # shared bins, few when few latents
+        bins = np.linspace(pooled.min() - 0.05, pooled.max() + 0.05, n_bins + 1)
+        for label, values in logs.items():
+            if len(values):
+                ax.hist(values, bins=bins, histtype="step", linewidth=1.5, label=label)
         ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
         ax.set_xlabel("log10 NCES per latent (0 = a random direction's effect)")
         ax.set_ylabel("latents")
+        ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_title("NCES of each evaluated latent")
         ax.legend(fontsize="small")
         written.append(folder / "nces_hist.png")

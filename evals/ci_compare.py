@@ -64,6 +64,8 @@ def compare(table: pd.DataFrame, reference: dict) -> list[str]:
                 problems.append(
                     f"{name}.{metric}: {now:.4g} vs reference {ref:.4g} (tolerance {limit:.3g})"
                 )
+    if not {"causal", "topk"} <= set(table["architecture"]):
+        return [*problems, "causal advantage: this run lacks the causal or the topk SAE"]
     ref_adv, now_adv = reference["causal_advantage"], advantage(table)
     if now_adv < ref_adv - ADVANTAGE_DROP:
         problems.append(

@@ -6,18 +6,26 @@ rate; ``csae_plugin.training.train_sae``) and scored with SAEBench's ``core`` an
 SAEBench-layout result files, ``table.csv`` / ``table.md`` / ``table.json`` (with machine and
 settings) and plots (L0 vs CE-loss score, L0 vs fraction verified, NCES distributions).
 
-    python evals/sweep.py --preset full       # 5 architectures x 3 sparsities (about an hour here)
-    python evals/sweep.py --preset ci         # causal vs TopK, small: what CI compares
-    python evals/sweep.py --preset full --intervention mean --out evals/results/ablation_mean
+    python evals/sweep.py --preset cpu --calibrate-standard  # L1 per target L0, training tokens
+    python evals/sweep.py --preset cpu        # 5 architectures x 3 sparsities (CPU-sized)
+    python evals/sweep.py --preset cpu --ablate-interventions  # nces with mean/resample/steer
+    python evals/sweep.py --preset cpu --architectures causal --ks 32 --lambda-kl 0 \
+        --out evals/results/sweep_cpu_no_kl   # a loss-term ablation
+    python evals/sweep.py --preset ci         # the CI subset: causal vs TopK at k = 32
+    python evals/sweep.py --preset full       # the same at 2048 latents and 100k tokens (GPU)
 
-The standard (ReLU + L1) SAE has no L0 knob: its L1 coefficients per sparsity level were chosen
-on training tokens only (``STANDARD_L1``) to land near the other SAEs' L0.
+The standard (ReLU + L1) SAE has no L0 knob: ``--calibrate-standard`` trains it at a grid of
+L1 coefficients with the preset's budget, measures L0 on training tokens only, and writes
+``standard_l1_<preset>.json``; the sweep then interpolates log L1 against log L0 for each
+target. Without that file the sweep stops and says to run the calibration.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
 import time
@@ -28,13 +36,13 @@ import pandas as pd
 import torch
 
 from csae_plugin.data import corpus_splits
-from csae_plugin.models import load_model
+from csae_plugin.models import hook_layer, load_model
 from csae_plugin.training import TrainSpec, train_sae
 
 RESULTS = Path(__file__).parent / "results"
 HOOK = "blocks.6.hook_resid_post"
-STANDARD_L1 = {16: 8.0, 32: 5.0, 64: 3.0}
-"""L1 coefficient of the standard SAE per target L0 (chosen on training tokens)."""
+L1_GRID = (10.0, 20.0, 40.0, 80.0, 160.0)
+"""L1 coefficients the standard SAE is calibrated on (geometric, wide: L0 falls steeply)."""
 
 
 @dataclass
@@ -52,6 +60,18 @@ class Preset:
 
 
 PRESETS = {
+    "cpu": Preset(
+        architectures=("causal", "standard", "topk", "batchtopk", "jumprelu"),
+        ks=(16, 32, 64),
+        d_sae=1024,
+        training_tokens=40_000,
+        latents=24,
+        seqs_per_latent=4,
+        null_draws=4,
+        n_eval_sequences=32,
+        nces_context=64,
+        causal={"lambda_kl": 1.0, "kl_every": 10},
+    ),
     "full": Preset(
         architectures=("causal", "standard", "topk", "batchtopk", "jumprelu"),
         ks=(16, 32, 64),
@@ -64,32 +84,97 @@ PRESETS = {
         nces_context=64,
         causal={"lambda_kl": 1.0, "kl_every": 10},
     ),
-    "ci": Preset(
-        architectures=("causal", "topk"),
-        ks=(32,),
-        d_sae=1024,
-        training_tokens=40_000,
-        latents=16,
-        seqs_per_latent=4,
-        null_draws=4,
-        n_eval_sequences=48,
-        nces_context=64,
-        causal={"lambda_kl": 1.0, "kl_every": 10},
-    ),
 }
+PRESETS["ci"] = dataclasses.replace(PRESETS["cpu"], architectures=("causal", "topk"), ks=(32,))
+"""The CI subset of ``cpu``: the same settings, so its rows are the sweep's rows."""
 
 
-def specs_of(preset: Preset, causal_overrides: dict) -> list[TrainSpec]:
+def specs_of(
+    preset_name: str,
+    causal_overrides: dict,
+    architectures: tuple[str, ...] | None = None,
+    ks: tuple[int, ...] | None = None,
+) -> list[TrainSpec]:
+    """The preset's SAEs (optionally only ``architectures`` / ``ks``), k-major."""
+    preset = PRESETS[preset_name]
     specs = []
-    for k in preset.ks:
-        for arch in preset.architectures:
+    for k in ks or preset.ks:
+        for arch in architectures or preset.architectures:
             overrides = {}
             if arch == "causal":
                 overrides = {**preset.causal, **causal_overrides}
             elif arch == "standard":
-                overrides = {"l1_coefficient": STANDARD_L1.get(k, 5.0)}
+                overrides = {"l1_coefficient": standard_l1(preset_name, k)}
             specs.append(TrainSpec(arch, preset.d_sae, k, overrides))
     return specs
+
+
+def calibration_path(preset_name: str) -> Path:
+    return RESULTS / f"standard_l1_{'cpu' if preset_name == 'ci' else preset_name}.json"
+
+
+def standard_l1(preset_name: str, target_l0: float) -> float:
+    """The L1 coefficient whose calibrated L0 is ``target_l0`` (log-log interpolation)."""
+    path = calibration_path(preset_name)
+    if not path.is_file():
+        raise SystemExit(
+            f"no L1 calibration for the standard SAE at {path}; run "
+            f"python evals/sweep.py --preset {preset_name} --calibrate-standard"
+        )
+    grid = sorted(
+        (row["l0"], row["l1_coefficient"]) for row in json.loads(path.read_text())["grid"]
+    )
+    points = [(math.log(max(l0, 1e-3)), math.log(l1)) for l0, l1 in grid]
+    x = math.log(target_l0)
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= x <= x1:
+            return math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    raise SystemExit(
+        f"target L0 {target_l0} is outside the calibrated range "
+        f"{grid[0][0]:.3g}-{grid[-1][0]:.3g} in {path}; widen L1_GRID and recalibrate"
+    )
+
+
+def calibrate_standard(preset_name: str, seed: int = 0, device: str = "cpu") -> dict:
+    """Train the standard SAE at each of ``L1_GRID`` and measure its L0 on training tokens."""
+    from tempfile import TemporaryDirectory
+
+    preset = PRESETS[preset_name]
+    model = load_model("gemma-3-270m", device=device)
+    splits = corpus_splits(model.tokenizer, 128, seed=seed)
+    bos = model.tokenizer.bos_token_id
+    probe = splits.train[: preset.n_eval_sequences, : preset.nces_context]
+    grid = []
+    for l1 in L1_GRID:
+        spec = TrainSpec("standard", preset.d_sae, 0, {"l1_coefficient": l1})
+        with TemporaryDirectory() as tmp:
+            sae, _ = train_sae(
+                model,
+                HOOK,
+                splits.train,
+                spec,
+                training_tokens=preset.training_tokens,
+                output_path=tmp,
+                seed=seed,
+                exclude_special_tokens=[bos],
+                device=device,
+            )
+        with torch.no_grad():
+            _, cache = model.run_with_cache(
+                probe, names_filter=[HOOK], stop_at_layer=hook_layer(model, HOOK) + 1
+            )
+            acts = sae.encode(cache[HOOK][probe != bos])
+        grid.append({"l1_coefficient": l1, "l0": float((acts > 0).sum(-1).float().mean())})
+        print(f"[calibrate] l1 {l1:g}: L0 {grid[-1]['l0']:.1f} on training tokens", flush=True)
+    result = {
+        "produced_by": f"python evals/sweep.py --preset {preset_name} --calibrate-standard",
+        "tokens": "training split only (first rows, first nces_context tokens, BOS excluded)",
+        "settings": asdict(preset),
+        "machine": machine(),
+        "grid": grid,
+    }
+    calibration_path(preset_name).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def machine() -> dict[str, object]:
@@ -110,17 +195,19 @@ def run(
     causal_overrides: dict | None = None,
     device: str = "cpu",
     retrain: bool = False,
+    architectures: tuple[str, ...] | None = None,
+    ks: tuple[int, ...] | None = None,
 ) -> pd.DataFrame:
     """Train (or reuse, unless ``retrain``) and score every SAE of the preset; the table."""
     from csae_plugin.cli import evaluate_saes, load_results, plot_results
 
     preset = PRESETS[preset_name]
     started = time.perf_counter()
+    specs = specs_of(preset_name, causal_overrides or {}, architectures, ks)
     model = load_model("gemma-3-270m", device=device)
     splits = corpus_splits(model.tokenizer, 128, seed=seed)
     bos = model.tokenizer.bos_token_id
-    specs = specs_of(preset, causal_overrides or {})
-    train_seconds: dict[str, float] = {}
+    train_seconds: dict[str, float] = {}  # this run's; saved beside each SAE
     folders = []
     for spec in specs:
         folder = out / "saes" / spec.name
@@ -140,6 +227,7 @@ def run(
             device=device,
         )
         train_seconds[spec.name] = time.perf_counter() - t0
+        (folder / "train_seconds.json").write_text(json.dumps(train_seconds[spec.name]) + "\n")
     eval_dir = out / "eval_results"
     evaluate_saes(
         evals=["core", "nces"],
@@ -161,7 +249,7 @@ def run(
     table = load_results([eval_dir])
     table["architecture"] = [name.split("_")[0] for name in table.index]
     table["k"] = [int(name.rsplit("_k", 1)[1]) for name in table.index]
-    table["train_seconds"] = [train_seconds.get(n, float("nan")) for n in table.index]
+    table["train_seconds"] = [_train_seconds(out / "saes" / n) for n in table.index]
     table = table.sort_values(["k", "architecture"])
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv")
@@ -184,6 +272,72 @@ def run(
     plot_results(table, out / "plots", eval_dirs=[eval_dir])
     plot_verified(table, out / "plots" / "l0_vs_frac_verified.png")
     return table
+
+
+def _train_seconds(folder: Path) -> float:
+    path = folder / "train_seconds.json"
+    return float(json.loads(path.read_text())) if path.is_file() else float("nan")
+
+
+def ablate_interventions(
+    preset_name: str,
+    out: Path,
+    interventions: tuple[str, ...] = ("zero", "mean", "resample", "steer"),
+    seed: int = 0,
+    device: str = "cpu",
+    ks: tuple[int, ...] | None = None,
+) -> pd.DataFrame:
+    """NCES of the sweep's saved SAEs (only those at ``ks``, if given) under each intervention.
+
+    ``zero`` is read from the sweep's own results; the others are written to
+    ``<out>/ablation_<intervention>/``. Returns one row per SAE and intervention.
+    """
+    from csae_plugin.cli import evaluate_saes, load_results
+
+    preset = PRESETS[preset_name]
+    folders = sorted(p.parent for p in (out / "saes").glob("*/cfg.json"))
+    if ks:
+        folders = [f for f in folders if int(f.name.rsplit("_k", 1)[1]) in ks]
+    if not folders:
+        raise SystemExit(f"no saved SAEs under {out / 'saes'}; run the sweep first")
+    model = load_model("gemma-3-270m", device=device)
+    splits = corpus_splits(model.tokenizer, 128, seed=seed)
+    frames = []
+    for intervention in interventions:
+        eval_dir = out / ("eval_results" if intervention == "zero" else f"ablation_{intervention}")
+        evaluate_saes(
+            evals=["nces"],
+            sae_specs=[str(f) for f in folders],
+            model=model,
+            eval_tokens=splits.eval[: preset.n_eval_sequences, : preset.nces_context],
+            reference_tokens=splits.train[: preset.n_eval_sequences, : preset.nces_context],
+            output_dir=eval_dir,
+            device=device,
+            nces_overrides={
+                "latents": preset.latents,
+                "null_draws": preset.null_draws,
+                "seqs_per_latent": preset.seqs_per_latent,
+                "intervention": intervention,
+                "random_seed": seed,
+            },
+        )
+        table = load_results([eval_dir])[["nces_median", "frac_verified", "frac_dead"]].copy()
+        table["intervention"] = intervention
+        table["rank_frac_verified"] = table["frac_verified"].rank(ascending=False)
+        frames.append(table)
+    result = pd.concat(frames).reset_index()
+    result.to_csv(out / "ablation_interventions.csv", index=False)
+    wide = result.pivot(index="sae", columns="intervention", values="frac_verified")
+    (out / "ablation_interventions.md").write_text(
+        "fraction of verified latents per intervention\n\n"
+        + wide.to_markdown(floatfmt=".3g")
+        + "\n\nNCES median per intervention\n\n"
+        + result.pivot(index="sae", columns="intervention", values="nces_median").to_markdown(
+            floatfmt=".3g"
+        )
+        + "\n"
+    )
+    return result
 
 
 def plot_verified(table: pd.DataFrame, path: Path) -> None:
@@ -211,6 +365,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lambda-kl", type=float, default=None)
     parser.add_argument("--verify-every", type=int, default=None)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--architectures", nargs="+", default=None, help="subset to run")
+    parser.add_argument("--ks", nargs="+", type=int, default=None, help="subset of target L0s")
+    parser.add_argument(
+        "--calibrate-standard", action="store_true", help="calibrate the standard SAE's L1"
+    )
+    parser.add_argument(
+        "--ablate-interventions",
+        action="store_true",
+        help="rescore the saved SAEs with every intervention",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     causal = {}
@@ -219,7 +383,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.verify_every is not None:
         causal["verify_every"] = args.verify_every
     out = args.out or RESULTS / f"sweep_{args.preset}"
-    table = run(args.preset, out, args.intervention, args.seed, causal, args.device, args.retrain)
+    if args.calibrate_standard:
+        print(json.dumps(calibrate_standard(args.preset, args.seed, args.device)["grid"]))
+        return
+    if args.ablate_interventions:
+        ks = tuple(args.ks) if args.ks else None
+        table = ablate_interventions(args.preset, out, seed=args.seed, device=args.device, ks=ks)
+        print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+        print(f"written to {out}")
+        return
+    table = run(
+        args.preset,
+        out,
+        args.intervention,
+        args.seed,
+        causal,
+        args.device,
+        args.retrain,
+        tuple(args.architectures) if args.architectures else None,
+        tuple(args.ks) if args.ks else None,
+    )
     print(table.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"written to {out}")
 
