@@ -321,7 +321,8 @@ def ablate_interventions(
                 "random_seed": seed,
             },
         )
-        table = load_results([eval_dir])[["nces_median", "frac_verified", "frac_dead"]].copy()
+        table = load_results([eval_dir])[["nces_median", "frac_verified", "frac_dead"]]
+        table = table[table.index.isin([f.name for f in folders])].copy()
         table["intervention"] = intervention
         table["rank_frac_verified"] = table["frac_verified"].rank(ascending=False)
         frames.append(table)
