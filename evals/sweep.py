@@ -271,7 +271,20 @@ def run(
     )
     plot_results(table, out / "plots", eval_dirs=[eval_dir])
     plot_verified(table, out / "plots" / "l0_vs_frac_verified.png")
+    summary_table(out)
     return table
+
+
+SUMMARY = ["architecture", "k", "l0", "explained_variance", "kl_div_score", "ce_loss_score"]
+SUMMARY += ["nces_median", "frac_verified", "frac_dead", "train_seconds"]
+
+
+def summary_table(out: Path) -> str:
+    """The key columns of ``<out>/table.csv`` as Markdown (written to ``<out>/summary.md``)."""
+    table = pd.read_csv(out / "table.csv", index_col="sae")
+    text = table[[c for c in SUMMARY if c in table.columns]].to_markdown(floatfmt=".3g") + "\n"
+    (out / "summary.md").write_text(text)
+    return text
 
 
 def _train_seconds(folder: Path) -> float:
@@ -372,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         "--calibrate-standard", action="store_true", help="calibrate the standard SAE's L1"
     )
     parser.add_argument(
+        "--summary", action="store_true", help="write summary.md from a finished sweep"
+    )
+    parser.add_argument(
         "--ablate-interventions",
         action="store_true",
         help="rescore the saved SAEs with every intervention",
@@ -386,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or RESULTS / f"sweep_{args.preset}"
     if args.calibrate_standard:
         print(json.dumps(calibrate_standard(args.preset, args.seed, args.device)["grid"]))
+        return
+    if args.summary:
+        print(summary_table(out))
         return
     if args.ablate_interventions:
         ks = tuple(args.ks) if args.ks else None
