@@ -355,19 +355,24 @@ def ablate_interventions(
 
 
 def plot_verified(table: pd.DataFrame, path: Path) -> None:
-    """L0 against fraction of verified latents, one line per architecture."""
+    """L0 against fraction of verified latents, and against CE-loss score (the Pareto view),
+    one line per architecture (``path`` and ``<path dir>/pareto_l0_ce_loss_score.png``)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for arch, rows in table.groupby("architecture"):
-        rows = rows.sort_values("l0")
-        ax.plot(rows["l0"], rows["frac_verified"], marker="o", label=arch)
-    ax.set_xscale("log")
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("fraction of latents verified (NCES > 1, q < 0.05)")
-    ax.legend()
-    fig.savefig(path, dpi=120)
+    for metric, label, target in (
+        ("frac_verified", "fraction of latents verified (NCES > 1, q < 0.05)", path),
+        ("ce_loss_score", "CE-loss score (core)", path.parent / "pareto_l0_ce_loss_score.png"),
+    ):
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for arch, rows in table.groupby("architecture"):
+            rows = rows.sort_values("l0")
+            ax.plot(rows["l0"], rows[metric], marker="o", label=arch)
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active latents per token, held-out tokens)")
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.savefig(target, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -405,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.summary:
         print(summary_table(out))
+        plot_verified(pd.read_csv(out / "table.csv"), out / "plots" / "l0_vs_frac_verified.png")
         return
     if args.ablate_interventions:
         ks = tuple(args.ks) if args.ks else None
