@@ -187,6 +187,39 @@ def machine() -> dict[str, object]:
     }
 
 
+def score(
+    evals: list[str],
+    folders: list[Path],
+    model,
+    splits,
+    preset: Preset,
+    eval_dir: Path,
+    intervention: str,
+    seed: int,
+    force_rerun: bool = False,
+) -> None:
+    """``evals`` on the saved SAEs in ``folders``, on the preset's held-out tokens."""
+    from csae_plugin.cli import evaluate_saes
+
+    evaluate_saes(
+        evals=evals,
+        sae_specs=[str(f) for f in folders],
+        model=model,
+        eval_tokens=splits.eval[: preset.n_eval_sequences, : preset.nces_context],
+        reference_tokens=splits.train[: preset.n_eval_sequences, : preset.nces_context],
+        output_dir=eval_dir,
+        device=str(model.cfg.device),
+        force_rerun=force_rerun,
+        nces_overrides={
+            "latents": preset.latents,
+            "null_draws": preset.null_draws,
+            "seqs_per_latent": preset.seqs_per_latent,
+            "intervention": intervention,
+            "random_seed": seed,
+        },
+    )
+
+
 def run(
     preset_name: str,
     out: Path,
@@ -199,7 +232,7 @@ def run(
     ks: tuple[int, ...] | None = None,
 ) -> pd.DataFrame:
     """Train (or reuse, unless ``retrain``) and score every SAE of the preset; the table."""
-    from csae_plugin.cli import evaluate_saes, load_results, plot_results
+    from csae_plugin.cli import load_results, plot_results
 
     preset = PRESETS[preset_name]
     started = time.perf_counter()
@@ -229,23 +262,7 @@ def run(
         train_seconds[spec.name] = time.perf_counter() - t0
         (folder / "train_seconds.json").write_text(json.dumps(train_seconds[spec.name]) + "\n")
     eval_dir = out / "eval_results"
-    evaluate_saes(
-        evals=["core", "nces"],
-        sae_specs=[str(f) for f in folders],
-        model=model,
-        eval_tokens=splits.eval[: preset.n_eval_sequences, : preset.nces_context],
-        reference_tokens=splits.train[: preset.n_eval_sequences, : preset.nces_context],
-        output_dir=eval_dir,
-        device=device,
-        force_rerun=retrain,
-        nces_overrides={
-            "latents": preset.latents,
-            "null_draws": preset.null_draws,
-            "seqs_per_latent": preset.seqs_per_latent,
-            "intervention": intervention,
-            "random_seed": seed,
-        },
-    )
+    score(["core", "nces"], folders, model, splits, preset, eval_dir, intervention, seed, retrain)
     table = load_results([eval_dir])
     table["architecture"] = [name.split("_")[0] for name in table.index]
     table["k"] = [int(name.rsplit("_k", 1)[1]) for name in table.index]
@@ -305,7 +322,7 @@ def ablate_interventions(
     ``zero`` is read from the sweep's own results; the others are written to
     ``<out>/ablation_<intervention>/``. Returns one row per SAE and intervention.
     """
-    from csae_plugin.cli import evaluate_saes, load_results
+    from csae_plugin.cli import load_results
 
     preset = PRESETS[preset_name]
     folders = sorted(p.parent for p in (out / "saes").glob("*/cfg.json"))
@@ -318,22 +335,7 @@ def ablate_interventions(
     frames = []
     for intervention in interventions:
         eval_dir = out / ("eval_results" if intervention == "zero" else f"ablation_{intervention}")
-        evaluate_saes(
-            evals=["nces"],
-            sae_specs=[str(f) for f in folders],
-            model=model,
-            eval_tokens=splits.eval[: preset.n_eval_sequences, : preset.nces_context],
-            reference_tokens=splits.train[: preset.n_eval_sequences, : preset.nces_context],
-            output_dir=eval_dir,
-            device=device,
-            nces_overrides={
-                "latents": preset.latents,
-                "null_draws": preset.null_draws,
-                "seqs_per_latent": preset.seqs_per_latent,
-                "intervention": intervention,
-                "random_seed": seed,
-            },
-        )
+        score(["nces"], folders, model, splits, preset, eval_dir, intervention, seed)
         table = load_results([eval_dir])[["nces_median", "frac_verified", "frac_dead"]]
         table = table[table.index.isin([f.name for f in folders])].copy()
         table["intervention"] = intervention
