@@ -12,6 +12,7 @@ exit code 2; result files are written atomically, so none is ever half-written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -212,6 +213,13 @@ def evaluate_saes(
             reference_tokens = loaded_reference if reference_tokens is None else reference_tokens
         for sae, *_ in pending:
             validate_inputs(model, sae, eval_tokens, reference_tokens)
+        # the result files record the tokens actually used, not the config's defaults
+        nces_config = dataclasses.replace(
+            nces_config,
+            context_size=int(eval_tokens.shape[1]),
+            n_eval_sequences=int(eval_tokens.shape[0]),
+            n_reference_sequences=int(reference_tokens.shape[0]),
+        )
     for sae, release, sae_id, todo in pending:
         for name in todo:
             _say(f"[{name}] {sae_name(release, sae_id)}", progress)

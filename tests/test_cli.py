@@ -11,7 +11,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import D_MODEL, make_tiny_model, make_tokens
+from conftest import D_MODEL, N_CTX, make_tiny_model, make_tokens
 from sae_bench.evals.core.eval_output import CoreEvalOutput
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -90,6 +90,9 @@ def test_c1_run_writes_core_and_nces_results(tmp_path, tiny_world, capsys):
             **json.loads((out / f"core/local_{name}_eval_results.json").read_text())
         )
         assert nces.eval_config.latents == 6 and nces.eval_result_metrics.nces.null_draws == 3
+        # the config records the tokens used (12 rows of N_CTX), not its defaults
+        assert (nces.eval_config.n_eval_sequences, nces.eval_config.context_size) == (12, N_CTX)
+        assert nces.eval_config.n_reference_sequences == 12
         assert core.eval_result_metrics.sparsity.l0 > 0
     causal = json.loads((out / "nces/local_causal_eval_results.json").read_text())
     assert causal["sae_cfg_dict"]["architecture"] == "causal"
