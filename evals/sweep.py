@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from csae_plugin.data import corpus_splits
+from csae_plugin.data import CorpusSplits, corpus_splits
 from csae_plugin.models import hook_layer, load_model
 from csae_plugin.training import TrainSpec, train_sae
 
@@ -230,8 +230,16 @@ def run(
     retrain: bool = False,
     architectures: tuple[str, ...] | None = None,
     ks: tuple[int, ...] | None = None,
+    train_seed: int | None = None,
+    tune: bool = False,
 ) -> pd.DataFrame:
-    """Train (or reuse, unless ``retrain``) and score every SAE of the preset; the table."""
+    """Train (or reuse, unless ``retrain``) and score every SAE of the preset; the table.
+
+    ``seed`` fixes the corpus split and the scored latents, ``train_seed`` (default ``seed``)
+    the training. With ``tune``, the last ``n_eval_sequences`` training rows are held back
+    from training and scored instead of the evaluation split: for choosing settings on
+    training tokens only.
+    """
     from csae_plugin.cli import load_results, plot_results
 
     preset = PRESETS[preset_name]
@@ -239,6 +247,9 @@ def run(
     specs = specs_of(preset_name, causal_overrides or {}, architectures, ks)
     model = load_model("gemma-3-270m", device=device)
     splits = corpus_splits(model.tokenizer, 128, seed=seed)
+    if tune:
+        held_back = preset.n_eval_sequences
+        splits = CorpusSplits(train=splits.train[:-held_back], eval=splits.train[-held_back:])
     bos = model.tokenizer.bos_token_id
     train_seconds: dict[str, float] = {}  # this run's; saved beside each SAE
     folders = []
@@ -248,19 +259,24 @@ def run(
         if folder.joinpath("cfg.json").is_file() and not retrain:
             continue
         t0 = time.perf_counter()
-        train_sae(
+        _, runner = train_sae(
             model,
             HOOK,
             splits.train,
             spec,
             training_tokens=preset.training_tokens,
             output_path=folder,
-            seed=seed,
+            seed=seed if train_seed is None else train_seed,
             exclude_special_tokens=[bos],
             device=device,
         )
         train_seconds[spec.name] = time.perf_counter() - t0
         (folder / "train_seconds.json").write_text(json.dumps(train_seconds[spec.name]) + "\n")
+        context = getattr(runner.sae, "causal_context", None)
+        if context is not None and context.history:
+            # term 4's log: latents checked, verified and resampled at each verification
+            history = json.dumps(context.history, indent=2)
+            (out / f"verification_history_{spec.name}.json").write_text(history + "\n")
     eval_dir = out / "eval_results"
     score(["core", "nces"], folders, model, splits, preset, eval_dir, intervention, seed, retrain)
     table = load_results([eval_dir])
@@ -275,7 +291,13 @@ def run(
         json.dumps(
             {
                 "preset": preset_name,
-                "settings": {**asdict(preset), "intervention": intervention, "seed": seed},
+                "settings": {
+                    **asdict(preset),
+                    "intervention": intervention,
+                    "seed": seed,
+                    "train_seed": seed if train_seed is None else train_seed,
+                    "scored_on": "held-back training rows (--tune)" if tune else "eval split",
+                },
                 "causal_overrides": causal_overrides or {},
                 "hook": HOOK,
                 "machine": machine(),
@@ -296,10 +318,37 @@ SUMMARY = ["architecture", "k", "l0", "explained_variance", "kl_div_score", "ce_
 SUMMARY += ["nces_median", "frac_verified", "frac_dead", "train_seconds"]
 
 
+BARS = (2.0, 3.0, 4.0)
+"""Stricter bars than NCES > 1 (``verification_bars``): lower ends of the per-latent 95% CI."""
+
+
+def verification_bars(eval_dir: Path) -> pd.DataFrame:
+    """Per SAE: the fraction of its live scored latents whose NCES 95% CI (bootstrap over
+    sequences, from the nces result's details) lies above each of :data:`BARS`, beside
+    ``frac_verified``. A latent seen in fewer than two sequences has no CI and counts as not
+    above any bar. A post-hoc reading of the same results, not the eval's verdict."""
+    rows = {}
+    for path in sorted((eval_dir / "nces").glob("*_eval_results.json")):
+        result = json.loads(path.read_text())
+        live = [d for d in result["eval_result_details"] if not d["dead"]]
+        name = path.name.removeprefix("local_").removesuffix("_eval_results.json")
+        row = {"n_live": len(live), "frac_verified": sum(d["verified"] for d in live) / len(live)}
+        for bar in BARS:
+            above = sum(d["ci_low"] is not None and d["ci_low"] > bar for d in live)
+            row[f"frac_ci_low_above_{bar:g}"] = above / len(live)
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("sae")
+
+
 def summary_table(out: Path) -> str:
-    """The key columns of ``<out>/table.csv`` as Markdown (written to ``<out>/summary.md``)."""
+    """The key columns of ``<out>/table.csv`` as Markdown, then :func:`verification_bars`
+    (written to ``<out>/summary.md``)."""
     table = pd.read_csv(out / "table.csv", index_col="sae")
     text = table[[c for c in SUMMARY if c in table.columns]].to_markdown(floatfmt=".3g") + "\n"
+    bars = verification_bars(out / "eval_results")
+    if not bars.empty:
+        text += "\nFraction of live scored latents whose NCES 95% CI lies above a stricter bar\n"
+        text += "(post hoc, same results):\n\n" + bars.to_markdown(floatfmt=".3g") + "\n"
     (out / "summary.md").write_text(text)
     return text
 
@@ -382,9 +431,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--intervention", default="zero")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="corpus split and scored latents")
+    parser.add_argument("--train-seed", type=int, default=None, help="training (default: --seed)")
+    parser.add_argument(
+        "--tune", action="store_true", help="score held-back training rows, not the eval split"
+    )
     parser.add_argument("--lambda-kl", type=float, default=None)
     parser.add_argument("--verify-every", type=int, default=None)
+    parser.add_argument("--verify-latents", type=int, default=None, help="latents per verification")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--architectures", nargs="+", default=None, help="subset to run")
     parser.add_argument("--ks", nargs="+", type=int, default=None, help="subset of target L0s")
@@ -406,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         causal["lambda_kl"] = args.lambda_kl
     if args.verify_every is not None:
         causal["verify_every"] = args.verify_every
+    if args.verify_latents is not None:
+        causal["verify_latents"] = args.verify_latents
     out = args.out or RESULTS / f"sweep_{args.preset}"
     if args.calibrate_standard:
         print(json.dumps(calibrate_standard(args.preset, args.seed, args.device)["grid"]))
@@ -430,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
         args.retrain,
         tuple(args.architectures) if args.architectures else None,
         tuple(args.ks) if args.ks else None,
+        args.train_seed,
+        args.tune,
     )
     print(table.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"written to {out}")
