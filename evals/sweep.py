@@ -353,6 +353,37 @@ def summary_table(out: Path) -> str:
     return text
 
 
+def collect(outs: list[Path], target: Path) -> pd.DataFrame:
+    """The rows of several finished sweeps (e.g. one per ``--train-seed``) side by side, with
+    their stricter-bar fractions, and mean / standard deviation per architecture and k;
+    written to ``target`` (.csv of the rows, .md of both)."""
+    frames = []
+    for out in outs:
+        table = pd.read_csv(out / "table.csv", index_col="sae")
+        table = table.join(verification_bars(out / "eval_results").drop(columns="frac_verified"))
+        settings = json.loads((out / "table.json").read_text())["settings"]
+        table.insert(0, "train_seed", settings.get("train_seed", settings["seed"]))
+        table.insert(0, "run", out.name)
+        frames.append(table)
+    rows = pd.concat(frames)
+    # only the SAEs every run has (a full sweep next to runs of a subset)
+    common = set.intersection(*(set(zip(f["architecture"], f["k"], strict=True)) for f in frames))
+    rows = rows[[pair in common for pair in zip(rows["architecture"], rows["k"], strict=True)]]
+    columns = [c for c in SUMMARY if c not in ("architecture", "k", "train_seconds")]
+    columns += [c for c in rows.columns if c.startswith("frac_ci_low_above")]
+    stats = rows.groupby(["architecture", "k"])[columns].agg(["mean", "std"])
+    stats.columns = [f"{c} {s}" for c, s in stats.columns]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(target.with_suffix(".csv"))
+    target.with_suffix(".md").write_text(
+        rows[["run", "train_seed", "architecture", "k", *columns]].to_markdown(floatfmt=".3g")
+        + "\n\nmean and standard deviation over runs\n\n"
+        + stats.T.to_markdown(floatfmt=".3g")
+        + "\n"
+    )
+    return stats
+
+
 def _train_seconds(folder: Path) -> float:
     path = folder / "train_seconds.json"
     return float(json.loads(path.read_text())) if path.is_file() else float("nan")
@@ -453,8 +484,20 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="rescore the saved SAEs with every intervention",
     )
+    parser.add_argument(
+        "--collect",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="finished sweep folders to put side by side (mean/std per architecture) in --out",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.collect:
+        target = args.out or RESULTS / "collected"
+        print(collect(args.collect, target).T.to_string(float_format=lambda v: f"{v:.3g}"))
+        print(f"written to {target.with_suffix('.md')} and {target.with_suffix('.csv')}")
+        return
     causal = {}
     if args.lambda_kl is not None:
         causal["lambda_kl"] = args.lambda_kl
