@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         "--tune", action="store_true", help="score held-back training rows, not the eval split"
     )
     parser.add_argument("--lambda-kl", type=float, default=None)
+    parser.add_argument("--kl-every", type=int, default=None)
     parser.add_argument("--verify-every", type=int, default=None)
     parser.add_argument("--verify-latents", type=int, default=None, help="latents per verification")
     parser.add_argument("--retrain", action="store_true")
@@ -501,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     causal = {}
     if args.lambda_kl is not None:
         causal["lambda_kl"] = args.lambda_kl
+    if args.kl_every is not None:
+        causal["kl_every"] = args.kl_every
     if args.verify_every is not None:
         causal["verify_every"] = args.verify_every
     if args.verify_latents is not None:
