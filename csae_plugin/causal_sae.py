@@ -160,7 +160,9 @@ class CausalTrainingSAEConfig(TrainingSAEConfig):
         aux_loss_coefficient: weight of the TopK auxiliary loss that revives dead latents.
         topk_threshold_lr: EMA rate of the BatchTopK inference threshold.
         lambda_kl: weight of KL(p_clean || p_spliced) (term 3); 0 switches it off.
-        kl_every: compute the KL term every this many steps (>= 1).
+        kl_every: compute the KL term every this many steps (>= 1). Each KL step costs a pass
+            through the model after the hook; in the project's study (``evals/REPORT.md``, Gemma
+            3 270M, 40 steps) every 10 steps lowered the KL-div score while every step did not.
         kl_batch_size: token sequences per KL step.
         verify_every: run causal verification every this many steps (term 4); 0 switches it off.
         verify_latents: latents checked per verification (a rotating subset).
