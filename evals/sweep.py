@@ -332,10 +332,11 @@ def verification_bars(eval_dir: Path) -> pd.DataFrame:
         result = json.loads(path.read_text())
         live = [d for d in result["eval_result_details"] if not d["dead"]]
         name = path.name.removeprefix("local_").removesuffix("_eval_results.json")
-        row = {"n_live": len(live), "frac_verified": sum(d["verified"] for d in live) / len(live)}
+        n_live = max(len(live), 1)  # no live latent: fractions of 0, with n_live saying why
+        row = {"n_live": len(live), "frac_verified": sum(d["verified"] for d in live) / n_live}
         for bar in BARS:
             above = sum(d["ci_low"] is not None and d["ci_low"] > bar for d in live)
-            row[f"frac_ci_low_above_{bar:g}"] = above / len(live)
+            row[f"frac_ci_low_above_{bar:g}"] = above / n_live
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("sae")
 
