@@ -328,14 +328,23 @@ def load_results(dirs: Sequence[str | Path]) -> pd.DataFrame:
     """All result files under ``dirs``: one row per SAE, one column per flat metric.
 
     Rows are named by :func:`sae_name` (prefixed by the folder's name when the same SAE is
-    found under several folders); key metrics (:data:`SUMMARY_COLUMNS`) come first.
+    found under several folders); key metrics (:data:`SUMMARY_COLUMNS`) come first. NCES
+    metrics are the headline null's; each null run also gives ``<metric>_<null>`` columns.
     """
     rows: dict[str, dict[str, Any]] = {}
     for label, result in _results(dirs):
         row = rows.setdefault(label, {})
-        for metrics in result.get("eval_result_metrics", {}).values():
+        for category, metrics in result.get("eval_result_metrics", {}).items():
+            null = category.removeprefix("nces_") if category.startswith("nces_") else None
+            if null is not None and metrics.get("null") is None:
+                continue  # a null that was not run
+            suffix = "" if null is None else f"_{null}"
             row.update(
-                {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str))}
+                {
+                    f"{k}{suffix}": v
+                    for k, v in metrics.items()
+                    if v is None or isinstance(v, (int, float, str))
+                }
             )
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "sae"

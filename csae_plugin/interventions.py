@@ -4,7 +4,8 @@ The engine behind NCES (``shared/design/nces.md``). For each evaluated latent it
 sequences in which the latent fires, changes only that latent (``zero``, ``mean``, ``resample``
 or ``steer``) with the SAE's error term kept, and measures KL(p_clean || p_intervened) over the
 positions from the first intervened one on. The null applies perturbations of the same size at
-the same positions along random directions drawn from the activations' own covariance.
+the same positions along random directions (:data:`NULLS`): by default ones with the latent's
+own energy in each principal direction of the activations, randomised within.
 
 Many intervened copies (latents x sequences x {real, K null}) run at once through only the tail
 of the model after the hook, and the KL is reduced one chunk of positions at a time, so peak
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,6 +30,16 @@ from transformer_lens.utilities.tokenize_utils import get_attention_mask
 
 INTERVENTIONS = ("zero", "mean", "resample", "steer")
 """Ways to change one latent: to 0, to its reference mean, to a reference value, or add to it."""
+
+NULLS = ("matched", "covariance", "isotropic")
+"""Random-direction nulls. With Sigma = V diag(lambda) V^T the activations' covariance and d the
+latent's decoder direction, u is z ~ N(0, I) mapped by V (|V^T d| * z) (``matched``: the
+latent's own energy in each principal direction, signs and mixing within randomised),
+V (sqrt(lambda) * z) (``covariance``: u ~ N(0, Sigma)) or z itself (``isotropic``), then
+normalised. ``matched`` is the default: it is the one under which random dictionaries of every
+shape tried score NCES ~1 and fail verification (README, "what exactly is measured")."""
+
+DEFAULT_NULL = "matched"
 
 CLEAN_CACHE_BYTES = 512 * 2**20
 """Budget for the clean logits kept per block of sequences (bounds sequences per block)."""
@@ -47,8 +58,8 @@ class ReferenceStats:
     Per latent: ``mean_act`` (mean of f_i, zeros included; the ``mean`` intervention),
     ``max_act`` (the ``steer`` scale), ``firing_freq``, and ``resample_pool`` [pool, d_sae],
     the latent values at uniformly drawn reference tokens (the ``resample`` intervention).
-    For the null: ``act_mean`` and ``cov_factor`` [d_in, d_in], a square root of the
-    covariance Sigma of x at the hook (``cov_factor @ cov_factor.T == Sigma``).
+    For the null: ``act_mean`` and the eigendecomposition of the covariance Sigma of x at the
+    hook, ``cov_eigvals`` [d_in] (clamped at 0) and ``cov_eigvecs`` [d_in, d_in] (columns).
     """
 
     mean_act: torch.Tensor
@@ -56,8 +67,14 @@ class ReferenceStats:
     firing_freq: torch.Tensor
     resample_pool: torch.Tensor
     act_mean: torch.Tensor
-    cov_factor: torch.Tensor
+    cov_eigvals: torch.Tensor
+    cov_eigvecs: torch.Tensor
     n_tokens: int
+
+    @property
+    def cov_factor(self) -> torch.Tensor:
+        """A square root L of Sigma (``L @ L.T == Sigma``) [d_in, d_in]."""
+        return self.cov_eigvecs * self.cov_eigvals.sqrt()
 
     @property
     def mean_active_act(self) -> torch.Tensor:
@@ -71,19 +88,33 @@ class LatentEffects:
     """Per-latent causal effects: [n_latents, seqs_per_latent] arrays padded with NaN (or -1).
 
     ``effect[l, j]`` is E_i(s) in nats for latent ``latents[l]`` on token row ``sequences[l, j]``;
-    ``null_per_draw[l, j, k]`` the same for null direction k and ``null`` its mean over draws;
-    ``n_positions[l, j]`` the number of intervened positions. A latent with ``n_sequences`` 0
-    never fired on the tokens (dead).
+    ``null_effects[l, j, n, k]`` the same for draw k of null ``nulls[n]``; ``null_per_draw``
+    is the first null's [l, j, k] and ``null`` its mean over draws; ``n_positions[l, j]`` the
+    number of intervened positions. A latent with ``n_sequences`` 0 never fired on the tokens
+    (dead).
     """
 
     latents: np.ndarray
     effect: np.ndarray
-    null_per_draw: np.ndarray
+    null_effects: np.ndarray
     sequences: np.ndarray
     n_positions: np.ndarray
     intervention: str
     null_draws: int
     alpha: float
+    nulls: tuple[str, ...] = (DEFAULT_NULL,)
+
+    @property
+    def null_per_draw(self) -> np.ndarray:
+        """The first null's effects per draw [n_latents, seqs_per_latent, K]."""
+        return self.null_effects[:, :, 0, :]
+
+    def for_null(self, null: str) -> LatentEffects:
+        """These effects with ``null`` (one of ``nulls``) as the only null."""
+        if null not in self.nulls:
+            raise ValueError(f"null {null!r} was not run; these effects have {self.nulls}")
+        n = self.nulls.index(null)
+        return replace(self, null_effects=self.null_effects[:, :, n : n + 1], nulls=(null,))
 
     @property
     def null(self) -> np.ndarray:
@@ -174,14 +205,14 @@ def reference_stats(
     act_mean = sum_x / n_valid
     cov = (sum_xx - n_valid * torch.outer(act_mean, act_mean)) / max(n_valid - 1, 1)
     eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
-    cov_factor = eigvecs * eigvals.clamp(min=0).sqrt()
     return ReferenceStats(
         mean_act=(sum_f / n_valid).float(),
         max_act=max_f.float(),
         firing_freq=(count_f / n_valid).float(),
         resample_pool=pool,
         act_mean=act_mean.float(),
-        cov_factor=cov_factor,
+        cov_eigvals=eigvals.clamp(min=0),
+        cov_eigvecs=eigvecs,
         n_tokens=n_valid,
     )
 
@@ -192,23 +223,50 @@ def draw_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
-def null_directions(stats: ReferenceStats, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` unit directions u = L z / ||L z||, z ~ N(0, I): u ~ N(0, Sigma) normalised [n, d_in]."""
-    factor = stats.cov_factor
-    z = torch.randn(n, factor.shape[1], generator=generator, dtype=torch.float64)
-    u = z @ factor.T
+def null_directions(
+    stats: ReferenceStats,
+    n: int,
+    generator: torch.Generator,
+    null: str = DEFAULT_NULL,
+    direction: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``n`` unit random directions of kind ``null`` (:data:`NULLS`) [n, d_in].
+
+    ``direction`` (the latent's decoder direction, any norm) is needed by ``matched``.
+    """
+    _check_null(null)
+    basis = stats.cov_eigvecs.double().cpu()
+    z = torch.randn(n, basis.shape[1], generator=generator, dtype=torch.float64)
+    if null == "isotropic":
+        u = z
+    else:
+        if null == "covariance":
+            scale = stats.cov_eigvals.double().cpu().sqrt()
+        elif direction is None:
+            raise ValueError("the 'matched' null needs the latent's decoder direction")
+        else:
+            scale = (direction.double().cpu().reshape(-1) @ basis).abs()
+        u = (z * scale) @ basis.T
     return (u / u.norm(dim=1, keepdim=True).clamp(min=1e-30)).float()
 
 
 def latent_null_directions(
-    stats: ReferenceStats, latent: int, null_draws: int, seed: int
+    stats: ReferenceStats,
+    latent: int,
+    null_draws: int,
+    seed: int,
+    null: str = DEFAULT_NULL,
+    direction: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The engine's null directions for ``latent`` [null_draws, d_in].
+    """The engine's null directions of kind ``null`` for ``latent`` [null_draws, d_in].
 
-    One set per latent, shared by all its sequences (from ``draw_generator(seed, 0, latent)``),
-    so the null also measures how much random directions differ from each other.
+    One set per latent and null, shared by all its sequences (each null from its own stream,
+    ``draw_generator(seed, 0, latent[, NULLS.index(null)])``), so the null also measures how
+    much random directions differ from each other.
     """
-    return null_directions(stats, null_draws, draw_generator(seed, 0, latent))
+    _check_null(null)
+    keys = (latent,) if null == "covariance" else (latent, NULLS.index(null))
+    return null_directions(stats, null_draws, draw_generator(seed, 0, *keys), null, direction)
 
 
 def resample_values(
@@ -251,6 +309,7 @@ def latent_effects(
     seed: int = 0,
     bos_token_id: int | None = None,
     progress: bool = True,
+    null: str | Sequence[str] = DEFAULT_NULL,
 ) -> LatentEffects:
     """Effects E_i(s) and null effects of intervening on each of ``latents``, batched.
 
@@ -258,9 +317,12 @@ def latent_effects(
     fires (at a non-BOS, non-pad position); pass shuffled tokens for a random sample.
     ``batch_size`` is the number of sequence copies per tail forward. ``alpha`` scales the
     ``steer`` intervention (f' = f + alpha * max_act). ``bos_token_id`` defaults to the model
-    tokenizer's; position 0 holding it is never intervened nor scored.
+    tokenizer's; position 0 holding it is never intervened nor scored. ``null`` names one or
+    more of :data:`NULLS` (a sequence or 'matched,covariance'): each gets ``null_draws``
+    copies per sequence, sharing the real copy.
     """
     _check_intervention(intervention)
+    nulls = check_nulls(null)
     setup = _setup(model, sae, tokens, bos_token_id)
     latent_ids = _check_latents(latents, sae.cfg.d_sae)
     if null_draws < 1 or seqs_per_latent < 1 or batch_size < 1:
@@ -272,12 +334,13 @@ def latent_effects(
     effects = LatentEffects(
         latents=latent_ids.numpy(),
         effect=np.full((n_lat, seqs_per_latent), np.nan),
-        null_per_draw=np.full((n_lat, seqs_per_latent, null_draws), np.nan),
+        null_effects=np.full((n_lat, seqs_per_latent, len(nulls), null_draws), np.nan),
         sequences=np.full((n_lat, seqs_per_latent), -1, dtype=np.int64),
         n_positions=np.zeros((n_lat, seqs_per_latent), dtype=np.int64),
         intervention=intervention,
         null_draws=null_draws,
         alpha=alpha,
+        nulls=nulls,
     )
     with torch.no_grad():
         effects.sequences[:] = _select_sequences(setup, latent_ids, seqs_per_latent, batch_size)
@@ -438,6 +501,22 @@ def _plan(model: HookedTransformer, hook_name: str, d_in: int) -> _Plan:
             f"{hook_name!r}; use an SAE trained on this model and hook, or set d_in to match"
         )
     return _Plan(hook_name, kind, start, seen[0])
+
+
+def _check_null(null: str) -> None:
+    if null not in NULLS:
+        raise ValueError(f"unknown null {null!r}; choose one of {', '.join(NULLS)}")
+
+
+def check_nulls(nulls: str | Sequence[str]) -> tuple[str, ...]:
+    """``nulls`` as a tuple of distinct known null names ('matched,covariance' also accepted)."""
+    names = nulls.split(",") if isinstance(nulls, str) else list(nulls)
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise ValueError(f"no null given; choose one or more of {', '.join(NULLS)}")
+    for name in names:
+        _check_null(name)
+    return tuple(dict.fromkeys(names))
 
 
 def _check_intervention(intervention: str) -> None:
@@ -692,8 +771,8 @@ def _run_pairs(
     batch_size: int,
     seed: int,
 ) -> None:
-    """Evaluate (latent, slot, local row) pairs: 1 real + K null copies each, in copy batches."""
-    n_var = effects.null_draws + 1
+    """Evaluate (latent, slot, local row) pairs: 1 real + K copies per null each, in batches."""
+    n_var = 1 + len(effects.nulls) * effects.null_draws
     copies = [(p, v) for p in range(len(pairs)) for v in range(n_var)]
     for c0 in range(0, len(copies), batch_size):
         batch = copies[c0 : c0 + batch_size]
@@ -712,7 +791,8 @@ def _run_pairs(
             if v == 0:
                 effects.effect[li, j] = value
             else:
-                effects.null_per_draw[li, j, v - 1] = value
+                n, k = divmod(v - 1, effects.null_draws)
+                effects.null_effects[li, j, n, k] = value
 
 
 def _batch_perturbations(
@@ -726,8 +806,8 @@ def _batch_perturbations(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per copy: coefficients f' - f [C, T], direction [C, d_in], first intervened position [C].
 
-    Variant 0 (real) moves along d_i; null variant k along ||d_i|| u_k, so every position keeps
-    the real perturbation's norm and sign.
+    Variant 0 (real) moves along d_i; null variant 1 + n K + k along ||d_i|| u_k of null n, so
+    every position keeps the real perturbation's norm and sign.
     """
     device = clean.x.device
     pair_ids = sorted({p for p, _ in batch})
@@ -736,8 +816,11 @@ def _batch_perturbations(
     d = decoder_directions(setup.sae, lat_ids).to(device)
     directions = {}
     for k, li in enumerate(latents):
-        null = latent_null_directions(stats, int(lat_ids[k]), effects.null_draws, seed)
-        directions[li] = torch.cat([d[k : k + 1], d[k].norm() * null.to(device)])
+        nulls = [
+            latent_null_directions(stats, int(lat_ids[k]), effects.null_draws, seed, name, d[k])
+            for name in effects.nulls
+        ]
+        directions[li] = torch.cat([d[k : k + 1], d[k].norm() * torch.cat(nulls).to(device)])
     per_pair = {}
     for p in pair_ids:
         li, j, row = pairs[p]

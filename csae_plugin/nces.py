@@ -14,6 +14,8 @@ Pure array code (numpy, scipy, pandas); the effects come from
   prediction t-test whose variance is moderated across latents (empirical Bayes, Smyth 2004).
   A test over sequences alone would call every above-average random direction significant.
 * Benjamini-Hochberg q-values over the tested latents; verified = q < fdr_level and NCES > 1.
+* Several nulls at once (``LatentEffects.nulls``): each gets its own NCES, CI, q-value and
+  verdict; ``verified_all_nulls`` (verified against every null run) is the conservative verdict.
 """
 
 from __future__ import annotations
@@ -46,17 +48,47 @@ DETAIL_COLUMNS = (
 )
 
 
+NULL_COLUMNS = ("nces", "ci_low", "ci_high", "p_value", "q_value", "verified", "null_kl")
+"""Columns that depend on the null: suffixed ``_<null>`` per null when several were run."""
+
+
 class EffectsLike(Protocol):
     """What :func:`effects_details` reads (e.g. ``interventions.LatentEffects``)."""
 
     latents: np.ndarray
     effect: np.ndarray
-    null_per_draw: np.ndarray
+    null_effects: np.ndarray  # [n_latents, n_seq, n_nulls, K]
+    nulls: tuple[str, ...]
 
 
 def effects_details(effects: EffectsLike, **kwargs: float | int) -> pd.DataFrame:
-    """:func:`nces_details` of a ``LatentEffects``."""
-    return nces_details(effects.effect, effects.null_per_draw, effects.latents, **kwargs)
+    """:func:`nces_details` under each null of ``effects``, in one frame.
+
+    The unsuffixed columns are the first null's; with several nulls every null's
+    :data:`NULL_COLUMNS` follow as ``<column>_<null>``. ``verified_all_nulls``: verified
+    under every null run.
+    """
+    per_null = {
+        name: nces_details(effects.effect, effects.null_effects[:, :, n], effects.latents, **kwargs)
+        for n, name in enumerate(effects.nulls)
+    }
+    details = per_null[effects.nulls[0]].copy()
+    if len(per_null) > 1:
+        for name, frame in per_null.items():
+            for column in NULL_COLUMNS:
+                details[f"{column}_{name}"] = frame[column]
+    details["verified_all_nulls"] = np.logical_and.reduce(
+        [frame["verified"].to_numpy() for frame in per_null.values()]
+    )
+    return details
+
+
+def null_view(details: pd.DataFrame, null: str) -> pd.DataFrame:
+    """``details`` with ``null``'s suffixed columns as the unsuffixed ones (no-op if absent)."""
+    suffixed = {f"{column}_{null}": column for column in NULL_COLUMNS}
+    if not set(suffixed) <= set(details.columns):
+        return details
+    return details.drop(columns=list(suffixed.values())).rename(columns=suffixed)
 
 
 def nces_details(
@@ -261,14 +293,21 @@ def _bootstrap(
 
 
 def nces_metrics(
-    details: pd.DataFrame, activation_weights: np.ndarray | None = None
+    details: pd.DataFrame,
+    activation_weights: np.ndarray | None = None,
+    *,
+    confidence_level: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Flat per-SAE metrics from :func:`nces_details`.
+    """Flat per-SAE metrics from :func:`nces_details` (or one null's :func:`null_view`).
 
     ``activation_weights`` [d_sae] (firing frequency x mean activation when active, i.e.
     ``ReferenceStats.mean_act``) is indexed by latent id. Medians, means and weighted means run
     over evaluated non-dead latents with a defined NCES; the geometric mean over finite
-    positive NCES (an NCES of 0 would make it 0 whatever the other latents do).
+    positive NCES (an NCES of 0 would make it 0 whatever the other latents do), with a
+    bootstrap CI over those latents. ``frac_verified_all_nulls`` counts latents verified under
+    every null run (equal to ``frac_verified`` with one null).
     """
     alive = details[~details["dead"]]
     nces = alive["nces"].to_numpy(dtype=np.float64)
@@ -281,15 +320,51 @@ def nces_metrics(
         if w.sum() > 0:
             weighted = float((w * nces[finite]).sum() / w.sum())
     n_alive = len(alive)
+    log_nces = np.log(nces[finite_positive])
+    geomean_ci = geomean_bootstrap_ci(log_nces, confidence_level, n_resamples, seed)
+    all_nulls = alive["verified_all_nulls"] if "verified_all_nulls" in alive else alive["verified"]
     return {
         "nces_median": float(np.median(nces[defined])) if defined.any() else np.nan,
-        "nces_geomean": (
-            float(np.exp(np.log(nces[finite_positive]).mean())) if finite_positive.any() else np.nan
-        ),
+        "nces_geomean": float(np.exp(log_nces.mean())) if len(log_nces) else np.nan,
+        "nces_geomean_ci_low": geomean_ci[0],
+        "nces_geomean_ci_high": geomean_ci[1],
         "frac_verified": float(alive["verified"].sum() / n_alive) if n_alive else np.nan,
+        "frac_verified_all_nulls": float(all_nulls.sum() / n_alive) if n_alive else np.nan,
         "frac_dead": float(details["dead"].mean()) if len(details) else np.nan,
         "activation_weighted_nces": weighted,
         "mean_effect_kl": float(alive["effect_kl"].mean()) if n_alive else np.nan,
         "mean_null_kl": float(alive["null_kl"].mean()) if n_alive else np.nan,
         "n_latents_evaluated": int(len(details)),
     }
+
+
+def geomean_bootstrap_ci(
+    log_values: np.ndarray,
+    confidence_level: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap CI (BCa, percentile if degenerate) of exp(mean(log_values)), over the values.
+
+    Resamples latents, so it says how much the per-SAE geometric mean depends on which latents
+    were drawn. NaN below 2 values.
+    """
+    if len(log_values) < 2:
+        return np.nan, np.nan
+    rng = np.random.default_rng(seed)
+    data = (np.asarray(log_values, dtype=np.float64),)
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore")
+            result = stats.bootstrap(
+                data,
+                np.mean,
+                n_resamples=n_resamples,
+                confidence_level=confidence_level,
+                method=method,
+                random_state=rng,
+            )
+        low, high = result.confidence_interval.low, result.confidence_interval.high
+        if np.isfinite(low) and np.isfinite(high):
+            return float(np.exp(low)), float(np.exp(high))
+    return np.nan, np.nan

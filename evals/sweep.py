@@ -197,8 +197,12 @@ def score(
     intervention: str,
     seed: int,
     force_rerun: bool = False,
+    null: str | None = None,
 ) -> None:
-    """``evals`` on the saved SAEs in ``folders``, on the preset's held-out tokens."""
+    """``evals`` on the saved SAEs in ``folders``, on the preset's held-out tokens.
+
+    ``null``: the nces eval's null(s) ('matched,covariance,isotropic'); default its default.
+    """
     from csae_plugin.cli import evaluate_saes
 
     evaluate_saes(
@@ -216,6 +220,7 @@ def score(
             "seqs_per_latent": preset.seqs_per_latent,
             "intervention": intervention,
             "random_seed": seed,
+            **({"null": null} if null else {}),
         },
     )
 
@@ -232,13 +237,17 @@ def run(
     ks: tuple[int, ...] | None = None,
     train_seed: int | None = None,
     tune: bool = False,
+    null: str | None = None,
+    references: bool = False,
 ) -> pd.DataFrame:
     """Train (or reuse, unless ``retrain``) and score every SAE of the preset; the table.
 
     ``seed`` fixes the corpus split and the scored latents, ``train_seed`` (default ``seed``)
     the training. With ``tune``, the last ``n_eval_sequences`` training rows are held back
     from training and scored instead of the evaluation split: for choosing settings on
-    training tokens only.
+    training tokens only. ``null`` is passed to the nces eval; with ``references`` the
+    reference dictionaries (``csae_plugin.evals.reference_saes``) are built on training rows
+    and scored with nces beside the trained SAEs.
     """
     from csae_plugin.cli import load_results, plot_results
 
@@ -278,10 +287,13 @@ def run(
             history = json.dumps(context.history, indent=2)
             (out / f"verification_history_{spec.name}.json").write_text(history + "\n")
     eval_dir = out / "eval_results"
-    score(["core", "nces"], folders, model, splits, preset, eval_dir, intervention, seed, retrain)
+    args = (model, splits, preset, eval_dir, intervention, seed, retrain, null)
+    score(["core", "nces"], folders, *args)
+    if references:
+        score(["nces"], save_references(model, splits, preset, out / "saes", seed), *args)
     table = load_results([eval_dir])
     table["architecture"] = [name.split("_")[0] for name in table.index]
-    table["k"] = [int(name.rsplit("_k", 1)[1]) for name in table.index]
+    table["k"] = [_k_of(name) for name in table.index]
     table["train_seconds"] = [_train_seconds(out / "saes" / n) for n in table.index]
     table = table.sort_values(["k", "architecture"])
     out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +327,11 @@ def run(
 
 
 SUMMARY = ["architecture", "k", "l0", "explained_variance", "kl_div_score", "ce_loss_score"]
-SUMMARY += ["nces_median", "frac_verified", "frac_dead", "train_seconds"]
+SUMMARY += ["nces_geomean", "nces_geomean_ci_low", "nces_geomean_ci_high", "frac_verified"]
+SUMMARY += ["mean_effect_kl", "frac_dead", "train_seconds"]
+SUMMARY += [
+    f"{m}_{null}" for null in ("covariance", "isotropic") for m in ("nces_geomean", "frac_verified")
+]
 
 
 BARS = (2.0, 3.0, 4.0)
@@ -383,6 +399,32 @@ def collect(outs: list[Path], target: Path) -> pd.DataFrame:
         + "\n"
     )
     return stats
+
+
+REFERENCE_TOKENS = 128
+"""Training rows the reference dictionaries' covariance and thresholds come from."""
+
+
+def save_references(model, splits, preset: Preset, saes_dir: Path, seed: int) -> list[Path]:
+    """Build and save each reference dictionary (``reference_<kind>``, random ones at the
+    preset's width), unless already saved; their folders."""
+    from csae_plugin.evals.reference_saes import REFERENCE_KINDS, hook_activations, reference_sae
+
+    folders = [saes_dir / f"reference_{kind.replace('_', '-')}" for kind in REFERENCE_KINDS]
+    if all(f.joinpath("cfg.json").is_file() for f in folders):
+        return folders
+    tokens = splits.train[:REFERENCE_TOKENS, : preset.nces_context]
+    acts = hook_activations(model, HOOK, tokens)
+    for kind, folder in zip(REFERENCE_KINDS, folders, strict=True):
+        width = preset.d_sae if kind.startswith("random") else None
+        sae = reference_sae(kind, acts, HOOK, d_sae=width, seed=seed, model_name="gemma-3-270m")
+        sae.save_model(folder)
+    return folders
+
+
+def _k_of(name: str) -> float:
+    """The target L0 in an SAE's name (``topk_1024_k32`` -> 32); NaN for reference SAEs."""
+    return float(name.rsplit("_k", 1)[1]) if "_k" in name else float("nan")
 
 
 def _train_seconds(folder: Path) -> float:
@@ -493,6 +535,14 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="finished sweep folders to put side by side (mean/std per architecture) in --out",
     )
+    parser.add_argument(
+        "--null", default=None, help="nces null(s), e.g. matched,covariance,isotropic"
+    )
+    parser.add_argument(
+        "--references",
+        action="store_true",
+        help="also score the reference dictionaries (random, PCA, identity) with nces",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.collect:
@@ -535,6 +585,8 @@ def main(argv: list[str] | None = None) -> None:
         tuple(args.ks) if args.ks else None,
         args.train_seed,
         args.tune,
+        args.null,
+        args.references,
     )
     print(table.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"written to {out}")

@@ -116,8 +116,11 @@ def naive_arrays(model, sae, toks, effects, stats, seed: int = 0):
     """The naive reference on exactly the engine's latents, sequences and random draws."""
     effect = np.full(effects.effect.shape, np.nan)
     null = np.full(effects.null_per_draw.shape, np.nan)
+    directions = iv.decoder_directions(sae, torch.as_tensor(effects.latents))
     for li, latent in enumerate(effects.latents):
-        dirs = iv.latent_null_directions(stats, int(latent), effects.null_draws, seed)
+        dirs = iv.latent_null_directions(
+            stats, int(latent), effects.null_draws, seed, effects.nulls[0], directions[li]
+        )
         for j, row in enumerate(effects.sequences[li]):
             if row < 0:
                 continue

@@ -8,6 +8,8 @@ from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 from sae_bench.evals.base_eval_output import BaseEvalConfig
 
+from csae_plugin.interventions import DEFAULT_NULL, check_nulls
+
 EMBEDDED_DATASET = "stdlib-docs"
 """``dataset`` value naming the embedded corpus (the Python stdlib's documentation)."""
 
@@ -57,12 +59,20 @@ class NCESEvalConfig(BaseEvalConfig):
         title="Steer Alpha",
         description="Multiple of the latent's maximum reference activation added by 'steer'",
     )
+    null: str = Field(
+        default=DEFAULT_NULL,
+        title="Null",
+        description="Random directions the latent is compared with: 'matched' (the latent's "
+        "own energy in each principal direction of the activations, randomised within; the "
+        "calibrated default), 'covariance' (u ~ N(0, Sigma)) or 'isotropic' (u ~ N(0, I)); "
+        "several comma-separated, each scored on its own, the first giving the headline "
+        "metrics",
+    )
     null_draws: int = Field(
         default=8,
         ge=1,
         title="Null Draws",
-        description="Covariance-matched random directions per latent (K); significance "
-        "needs at least 2",
+        description="Random directions per latent and null (K); significance needs at least 2",
     )
     seqs_per_latent: int = Field(
         default=16,
@@ -107,6 +117,17 @@ class NCESEvalConfig(BaseEvalConfig):
         title="Bootstrap Resamples",
         description="Resamples of the paired bootstrap confidence interval of each NCES",
     )
+
+    @field_validator("null")
+    @classmethod
+    def _parse_null(cls, value: str) -> str:
+        """One or more of the known nulls, comma-separated, duplicates dropped."""
+        return ",".join(check_nulls(value))
+
+    @property
+    def nulls(self) -> tuple[str, ...]:
+        """The requested nulls, the headline one first."""
+        return check_nulls(self.null)
 
     @field_validator("latents")
     @classmethod

@@ -28,52 +28,84 @@ SCHEMA_PATH = Path(__file__).with_name(f"eval_output_schema_{EVAL_TYPE_ID_NCES}.
 @dataclass
 class NCESMetrics(BaseMetrics):
     nces_median: float | None = Field(
+        default=None,
         title="Median NCES",
         description="Median over evaluated, non-dead latents of NCES_i = sum of effects / sum "
-        "of covariance-matched null effects; above 1 = moves the output more than a random "
-        "direction of the same size",
+        "of null effects; above 1 = moves the output more than a random direction of the same "
+        "size and shape (the null named in 'null')",
         json_schema_extra=DEFAULT_DISPLAY,
     )
     nces_geomean: float | None = Field(
+        default=None,
         title="Geometric Mean NCES",
         description="Geometric mean of the finite, positive NCES of non-dead latents",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    nces_geomean_ci_low: float | None = Field(
+        default=None,
+        title="Geometric Mean NCES CI Low",
+        description="Lower end of the bootstrap CI (over latents) of the geometric mean",
+    )
+    nces_geomean_ci_high: float | None = Field(
+        default=None,
+        title="Geometric Mean NCES CI High",
+        description="Upper end of the bootstrap CI (over latents) of the geometric mean",
     )
     frac_verified: float | None = Field(
+        default=None,
         title="Fraction Verified",
         description="Fraction of evaluated non-dead latents whose NCES > 1 passes the "
         "Benjamini-Hochberg test at fdr_level (causally verified)",
         json_schema_extra=DEFAULT_DISPLAY,
     )
+    frac_verified_all_nulls: float | None = Field(
+        default=None,
+        title="Fraction Verified (All Nulls)",
+        description="Fraction of evaluated non-dead latents verified under every null run "
+        "(the conservative verdict; equal to frac_verified with one null)",
+    )
     frac_dead: float | None = Field(
+        default=None,
         title="Fraction Dead",
         description="Fraction of evaluated latents that never fire on the evaluation tokens",
         json_schema_extra=DEFAULT_DISPLAY,
     )
     activation_weighted_nces: float | None = Field(
+        default=None,
         title="Activation-Weighted NCES",
         description="Mean NCES weighted by firing frequency x mean activation when active "
         "(the latent's mean activation on reference tokens)",
     )
     mean_effect_kl: float | None = Field(
+        default=None,
         title="Mean Effect KL",
         description="Mean over non-dead latents of the per-sequence KL(p_clean || "
         "p_intervened) in nats, averaged over positions from the first intervened one",
     )
     mean_null_kl: float | None = Field(
+        default=None,
         title="Mean Null KL",
-        description="The same for the covariance-matched random directions (mean over draws)",
+        description="The same for the null's random directions (mean over draws)",
     )
-    n_latents_evaluated: int = Field(
+    n_latents_evaluated: int | None = Field(
+        default=None,
         title="Latents Evaluated",
         description="Number of latents evaluated (dead ones included)",
     )
-    intervention: str = Field(
+    intervention: str | None = Field(
+        default=None,
         title="Intervention",
         description="How each latent was changed: zero, mean, resample or steer",
     )
-    null_draws: int = Field(
+    null_draws: int | None = Field(
+        default=None,
         title="Null Draws",
         description="Random directions per latent in the null",
+    )
+    null: str | None = Field(
+        default=None,
+        title="Null",
+        description="The random-direction null these metrics are relative to",
     )
 
 
@@ -81,8 +113,24 @@ class NCESMetrics(BaseMetrics):
 class NCESMetricCategories(BaseMetricCategories):
     nces: NCESMetrics = Field(
         title="NCES",
-        description="Causal effect of single latents relative to random directions",
+        description="Causal effect of single latents relative to random directions (the "
+        "first null requested)",
         json_schema_extra=DEFAULT_DISPLAY,
+    )
+    nces_matched: NCESMetrics = Field(
+        default_factory=NCESMetrics,
+        title="NCES, Matched Null",
+        description="The same metrics against the 'matched' null (all null if it was not run)",
+    )
+    nces_covariance: NCESMetrics = Field(
+        default_factory=NCESMetrics,
+        title="NCES, Covariance Null",
+        description="The same metrics against the 'covariance' null (all null if it was not run)",
+    )
+    nces_isotropic: NCESMetrics = Field(
+        default_factory=NCESMetrics,
+        title="NCES, Isotropic Null",
+        description="The same metrics against the 'isotropic' null (all null if it was not run)",
     )
 
 
@@ -115,6 +163,32 @@ class NCESLatentDetail(BaseResultDetail):
     n_sequences: int = Field(
         title="Sequences", description="Evaluation sequences in which the latent was scored"
     )
+    verified_all_nulls: bool = Field(
+        default=False,
+        title="Verified (All Nulls)",
+        description="Verified under every null run (equal to verified with one null)",
+    )
+    nces_matched: float | None = Field(default=None, title="NCES (Matched Null)")
+    ci_low_matched: float | None = Field(default=None, title="CI Low (Matched Null)")
+    ci_high_matched: float | None = Field(default=None, title="CI High (Matched Null)")
+    p_value_matched: float | None = Field(default=None, title="p-value (Matched Null)")
+    q_value_matched: float | None = Field(default=None, title="q-value (Matched Null)")
+    verified_matched: bool | None = Field(default=None, title="Verified (Matched Null)")
+    null_kl_matched: float | None = Field(default=None, title="Null KL (Matched Null)")
+    nces_covariance: float | None = Field(default=None, title="NCES (Covariance Null)")
+    ci_low_covariance: float | None = Field(default=None, title="CI Low (Covariance Null)")
+    ci_high_covariance: float | None = Field(default=None, title="CI High (Covariance Null)")
+    p_value_covariance: float | None = Field(default=None, title="p-value (Covariance Null)")
+    q_value_covariance: float | None = Field(default=None, title="q-value (Covariance Null)")
+    verified_covariance: bool | None = Field(default=None, title="Verified (Covariance Null)")
+    null_kl_covariance: float | None = Field(default=None, title="Null KL (Covariance Null)")
+    nces_isotropic: float | None = Field(default=None, title="NCES (Isotropic Null)")
+    ci_low_isotropic: float | None = Field(default=None, title="CI Low (Isotropic Null)")
+    ci_high_isotropic: float | None = Field(default=None, title="CI High (Isotropic Null)")
+    p_value_isotropic: float | None = Field(default=None, title="p-value (Isotropic Null)")
+    q_value_isotropic: float | None = Field(default=None, title="q-value (Isotropic Null)")
+    verified_isotropic: bool | None = Field(default=None, title="Verified (Isotropic Null)")
+    null_kl_isotropic: float | None = Field(default=None, title="Null KL (Isotropic Null)")
 
 
 @dataclass(config=ConfigDict(title="NCES"))
@@ -123,8 +197,9 @@ class NCESEvalOutput(BaseEvalOutput[NCESEvalConfig, NCESMetricCategories, NCESLa
     """
     Normalized Causal Effect Score: for each latent, how much changing only that latent (with
     the SAE error kept) moves the model's output distribution, relative to perturbations of
-    the same size at the same positions along covariance-matched random directions. A latent
-    is causally verified when its NCES is significantly above 1.
+    the same size at the same positions along random directions shaped like the latent's own
+    (the 'matched' null by default). A latent is causally verified when its NCES is
+    significantly above 1.
     """
 
     eval_config: NCESEvalConfig

@@ -45,7 +45,7 @@ from csae_plugin.evals.nces.eval_output import (
 )
 from csae_plugin.interventions import latent_effects, reference_stats
 from csae_plugin.loading import load_sae, load_sae_from_folder
-from csae_plugin.nces import effects_details, nces_metrics
+from csae_plugin.nces import effects_details, nces_metrics, null_view
 
 CUSTOM_SAE_ID = "custom_sae"
 """SAEBench's ``sae_id`` for an SAE passed in as an object (its result file name)."""
@@ -98,6 +98,8 @@ def evaluate_sae(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """NCES of ``sae``'s latents: flat metrics (``NCESMetrics`` fields) and per-latent details.
 
+    The metrics are the first null's; ``details.attrs["metrics_by_null"]`` holds each null's.
+
     ``bos_token_id`` defaults to the model tokenizer's; a BOS at position 0 is never
     intervened on nor scored. Token rows longer than ``config.context_size`` are cut to it
     (their first ``context_size`` tokens), so the same tokens can serve core and a cheaper NCES.
@@ -128,6 +130,7 @@ def evaluate_sae(
             seed=config.random_seed,
             bos_token_id=bos_token_id,
             progress=progress,
+            null=config.nulls,
         )
     details = effects_details(
         effects,
@@ -135,9 +138,21 @@ def evaluate_sae(
         n_resamples=config.n_bootstrap,
         seed=config.random_seed,
     )
-    metrics: dict[str, Any] = nces_metrics(details, stats.mean_act.cpu().numpy())
-    metrics.update(intervention=config.intervention, null_draws=config.null_draws)
-    return metrics, details
+    weights = stats.mean_act.cpu().numpy()
+    shared = {"intervention": config.intervention, "null_draws": config.null_draws}
+    by_null = {
+        null: nces_metrics(
+            null_view(details, null),
+            weights,
+            n_resamples=config.n_bootstrap,
+            seed=config.random_seed,
+        )
+        | shared
+        | {"null": null}
+        for null in config.nulls
+    }
+    details.attrs["metrics_by_null"] = by_null
+    return dict(by_null[config.nulls[0]]), details
 
 
 def eval_output(
@@ -154,7 +169,13 @@ def eval_output(
         eval_config=config,
         eval_id=eval_id or get_eval_uuid(),
         datetime_epoch_millis=int(time.time() * 1000),
-        eval_result_metrics=NCESMetricCategories(nces=NCESMetrics(**json_safe(metrics))),
+        eval_result_metrics=NCESMetricCategories(
+            nces=NCESMetrics(**json_safe(metrics)),
+            **{
+                f"nces_{null}": NCESMetrics(**json_safe(values))
+                for null, values in details.attrs.get("metrics_by_null", {}).items()
+            },
+        ),
         eval_result_details=[
             NCESLatentDetail(**row) for row in json_safe(details.to_dict("records"))
         ],

@@ -1,0 +1,120 @@
+"""Reference dictionaries every SAE metric is calibrated against, as plain SAELens SAEs.
+
+A metric that a dictionary of random directions passes measures nothing, so the NCES study
+scores these beside the trained SAEs (README, "what exactly is measured"):
+
+* ``random_isotropic``: unit directions u ~ N(0, I);
+* ``random_covariance``: unit directions u ~ N(0, Sigma), Sigma the activations' covariance;
+* ``random_mixture``: each latent isotropic or covariance-shaped with probability 1/2;
+* ``pca``: the activations' principal directions, largest variance first;
+* ``identity``: the basis vectors of the hook's space (one latent per dimension).
+
+Each is a JumpReLU SAE with encoder = decoder transposed and ``b_dec`` = the activations' mean:
+latent i reads the projection of x - mean on its direction and fires, with that value, on the
+``firing_rate`` fraction of reference tokens where the projection is largest (threshold = that
+quantile). Decoder rows are unit-norm, so SAEBench's checks pass and decode is linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformer
+
+REFERENCE_KINDS = ("random_isotropic", "random_covariance", "random_mixture", "pca", "identity")
+
+
+def hook_activations(
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    bos_token_id: int | None = None,
+) -> torch.Tensor:
+    """Activations at ``hook_name`` for ``tokens`` [n, T], BOS and padding left out [N, d_in]."""
+    if hook_name not in model.hook_dict:
+        raise ValueError(f"hook {hook_name!r} is not in the model; use a name from hook_dict")
+    tokenizer = model.tokenizer
+    bos = bos_token_id if bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    out = []
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start : start + batch_size].to(model.cfg.device)
+            _, cache = model.run_with_cache(batch, names_filter=hook_name, return_type=None)
+            x = cache[hook_name].reshape(*batch.shape, -1)
+            keep = torch.ones_like(batch, dtype=torch.bool)
+            if pad is not None and pad != bos:
+                keep &= batch != pad
+            if bos is not None:
+                keep[:, 0] &= batch[:, 0] != bos
+            out.append(x[keep].float().cpu())
+    acts = torch.cat(out)
+    if acts.shape[0] < 2:
+        raise ValueError("need at least 2 non-BOS, non-pad tokens to build a reference SAE")
+    return acts
+
+
+def reference_directions(
+    kind: str, acts: torch.Tensor, d_sae: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """Unit directions [d_sae, d_in] of reference dictionary ``kind`` for activations ``acts``.
+
+    ``d_sae`` defaults to d_in; ``pca`` and ``identity`` have at most d_in latents.
+    """
+    if kind not in REFERENCE_KINDS:
+        raise ValueError(f"unknown reference SAE {kind!r}; choose one of {REFERENCE_KINDS}")
+    d_in = acts.shape[1]
+    n = d_in if d_sae is None else d_sae
+    if kind in ("pca", "identity") and n > d_in:
+        raise ValueError(f"a {kind} dictionary has at most d_in={d_in} latents, not {n}")
+    gen = torch.Generator().manual_seed(seed)
+    x = acts.double()
+    cov = torch.cov(x.T)
+    eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
+    if kind == "identity":
+        dirs = torch.eye(d_in, dtype=torch.float64)[:n]
+    elif kind == "pca":
+        dirs = eigvecs.flip(1).T[:n]
+    else:
+        isotropic = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
+        shaped = (isotropic * eigvals.clamp(min=0).sqrt()) @ eigvecs.T
+        if kind == "random_isotropic":
+            dirs = isotropic
+        elif kind == "random_covariance":
+            dirs = shaped
+        else:
+            coin = torch.rand(n, 1, generator=gen, dtype=torch.float64) < 0.5
+            dirs = torch.where(coin, isotropic, shaped)
+    return (dirs / dirs.norm(dim=1, keepdim=True)).float()
+
+
+def reference_sae(
+    kind: str,
+    acts: torch.Tensor,
+    hook_name: str,
+    *,
+    d_sae: int | None = None,
+    firing_rate: float = 0.02,
+    seed: int = 0,
+    model_name: str | None = None,
+) -> JumpReLUSAE:
+    """Reference dictionary ``kind`` (:data:`REFERENCE_KINDS`) on activations ``acts`` [N, d_in]."""
+    if not 0 < firing_rate < 1:
+        raise ValueError(f"firing_rate must be in (0, 1), got {firing_rate}")
+    dirs = reference_directions(kind, acts, d_sae, seed)
+    mean = acts.mean(0)
+    projections = (acts - mean) @ dirs.T
+    threshold = torch.quantile(projections, 1 - firing_rate, dim=0).clamp(min=0)
+    meta = SAEMetadata(hook_name=hook_name, model_name=model_name, sae_id=f"reference_{kind}")
+    cfg = JumpReLUSAEConfig(d_in=acts.shape[1], d_sae=dirs.shape[0], metadata=meta)
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.W_dec.copy_(dirs)
+        sae.W_enc.copy_(dirs.T)
+        sae.b_dec.copy_(mean)
+        sae.b_enc.zero_()
+        sae.threshold.copy_(threshold)
+    return sae.eval()
