@@ -152,6 +152,7 @@ class _Setup:
     attention_mask: torch.Tensor | None  # what TransformerLens would use for these tokens
 
 
+@torch.no_grad()
 def reference_stats(
     model: HookedTransformer,
     sae: SAE,

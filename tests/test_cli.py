@@ -110,6 +110,7 @@ def test_c1_run_writes_core_and_nces_results(tmp_path, tiny_world, capsys):
         ("unknown_architecture", "unknown architecture"),
         ("unwritable_output", "can't be written"),
         ("bad_config", "null_draws"),
+        ("unknown_null", "unknown null 'gaussian'"),
         ("hook_mismatch", "not in the model"),
         ("d_in_mismatch", "does not match"),
         ("unknown_model", "has no config.json"),
@@ -124,7 +125,7 @@ def test_c2_bad_inputs_exit_2_with_one_line(
     out = tmp_path / "results"
     args = {"--eval": "core,nces", "--sae": str(sae), "--model": "tiny", "--output-dir": str(out)}
     cheap = case in ("unknown_eval", "missing_sae", "corrupt_sae", "unknown_architecture")
-    cheap |= case in ("unwritable_output", "bad_config")
+    cheap |= case in ("unwritable_output", "bad_config", "unknown_null")
     if case == "unknown_eval":
         args["--eval"] = "nces,probing"
     elif case == "missing_sae":
@@ -139,6 +140,8 @@ def test_c2_bad_inputs_exit_2_with_one_line(
         args["--output-dir"] = str(tmp_path / "file" / "results")
     elif case == "bad_config":
         args["--null-draws"] = "0"
+    elif case == "unknown_null":
+        args["--null"] = "matched,gaussian"
     elif case == "hook_mismatch":
         args["--sae"] = str(save_standard(tmp_path / "hook", hook="blocks.9.hook_resid_post"))
     elif case == "d_in_mismatch":

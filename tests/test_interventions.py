@@ -342,3 +342,53 @@ def test_8_bad_inputs_raise_one_line_errors():
     with torch.no_grad():
         broken.blocks[0].mlp.W_in.fill_(float("nan"))
     assert f"model produced NaN activations at {POST}" in error(model=broken)
+
+
+# 9. the nulls: what each random direction keeps of the latent's own direction
+def test_9_null_directions_have_the_promised_shape():
+    """``matched`` keeps the latent's energy in each principal direction (on average over
+    draws), ``covariance`` follows the eigenvalues, ``isotropic`` is flat; a latent along one
+    principal direction gets nulls along that same direction."""
+    _, stats = sae_and_stats("standard", POST)
+    basis = stats.cov_eigvecs.float()
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn(D_MODEL, generator=gen) * torch.linspace(0.05, 3.0, D_MODEL)
+    target = (direction @ basis) ** 2 / direction.norm() ** 2
+
+    def energy(null: str, d: torch.Tensor | None = direction) -> torch.Tensor:
+        u = iv.null_directions(stats, 20_000, torch.Generator().manual_seed(1), null, d)
+        assert torch.allclose(u.norm(dim=1), torch.ones(len(u)), atol=1e-5)
+        return ((u @ basis) ** 2).mean(0)
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(np.corrcoef(a.numpy(), b.numpy())[0, 1])
+
+    matched, covariance, isotropic = energy("matched"), energy("covariance"), energy("isotropic")
+    assert corr(matched, target) > 0.98
+    assert corr(covariance, stats.cov_eigvals.float()) > 0.98
+    assert float(isotropic.max() / isotropic.min()) < 1.2
+    assert corr(covariance, target) < 0.9  # the nulls differ, so the checks above can fail
+    along = iv.null_directions(stats, 8, gen, "matched", 2.0 * basis[:, -1])
+    np.testing.assert_allclose((along @ basis[:, -1]).abs().numpy(), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the latent's decoder direction"):
+        iv.null_directions(stats, 2, gen, "matched")
+
+
+def test_9_several_nulls_in_one_run_equal_separate_runs():
+    """Each null of a joint run gives exactly the numbers of a run with that null alone (its
+    own random stream), and the real effect is computed once for all."""
+    sae, stats = sae_and_stats("topk", POST)
+    joint = run_engine(sae, stats, [0, 5, 11], null="matched,isotropic,covariance", null_draws=3)
+    assert joint.nulls == ("matched", "isotropic", "covariance")
+    assert joint.null_effects.shape == (3, 2, 3, 3)
+    for null in joint.nulls:
+        alone = run_engine(sae, stats, [0, 5, 11], null=null, null_draws=3)
+        np.testing.assert_allclose(joint.effect, alone.effect, rtol=1e-5)
+        np.testing.assert_allclose(
+            joint.for_null(null).null_per_draw, alone.null_per_draw, rtol=1e-5, atol=1e-12
+        )
+    assert not np.allclose(
+        joint.for_null("matched").null_per_draw, joint.for_null("isotropic").null_per_draw
+    )
+    with pytest.raises(ValueError, match="unknown null 'gaussian'"):
+        run_engine(sae, stats, [0], null="gaussian")

@@ -246,3 +246,28 @@ def test_e9_core_explained_variance_is_conventional(tmp_path):
         assert written == pytest.approx(float(expected), rel=1e-5, abs=1e-4)
         if name == "mean_only":
             assert abs(written) < 1e-3
+
+
+# E10. several nulls: each its own metrics category and detail columns, the headline first
+def test_e10_several_nulls_each_get_their_own_scores(tmp_path):
+    config = tiny_config(null="isotropic, matched")
+    assert config.null == "isotropic,matched" and config.nulls == ("isotropic", "matched")
+    data = run(tmp_path, tiny_sae(), config)["tiny/release_custom_sae"]
+    output = NCESEvalOutput(**data)
+    metrics = output.eval_result_metrics
+    assert metrics.nces.null == "isotropic" and metrics.nces == metrics.nces_isotropic
+    assert metrics.nces_matched.null == "matched"
+    assert metrics.nces_covariance.nces_median is None  # not run
+    for detail in output.eval_result_details:
+        if detail.dead:
+            continue
+        assert detail.nces == detail.nces_isotropic and detail.nces_matched is not None
+        assert detail.nces_covariance is None
+        assert detail.verified_all_nulls == (detail.verified_isotropic and detail.verified_matched)
+    alone = run(tmp_path / "alone", tiny_sae(), tiny_config(null="matched"))
+    alone_metrics = alone["tiny/release_custom_sae"]["eval_result_metrics"]["nces"]
+    assert alone_metrics == data["eval_result_metrics"]["nces_matched"] | {
+        "frac_verified_all_nulls": alone_metrics["frac_verified_all_nulls"]
+    }
+    with pytest.raises(ValueError, match="unknown null 'gaussian'"):
+        tiny_config(null="matched,gaussian")
