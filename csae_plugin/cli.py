@@ -45,7 +45,7 @@ EVALS = {
     "core": "SAEBench core: L0, explained variance, MSE, KL and CE loss scores of the SAE "
     "spliced into the model",
     "nces": "causal effect of each latent vs covariance-matched random directions "
-    "(nces_median, frac_verified, per-latent NCES)",
+    "(nces_geomean, frac_verified, per-latent NCES)",
 }
 """Evals ``run`` knows, in the order they run, with one line each for ``list``."""
 
@@ -54,8 +54,9 @@ SUMMARY_COLUMNS = (
     "explained_variance",
     "kl_div_score",
     "ce_loss_score",
-    "nces_median",
+    "nces_geomean",
     "frac_verified",
+    "mean_effect_kl",
     "frac_dead",
 )
 """Key metrics shown after ``run`` and first in ``compare``'s table."""
@@ -356,7 +357,7 @@ def plot_results(
     table: pd.DataFrame, plots_dir: str | Path, eval_dirs: Sequence[str | Path]
 ) -> list[Path]:
     """Write ``nces_hist.png`` (per-latent NCES of each SAE, from the nces details under
-    ``eval_dirs``) and ``l0_vs_ce_loss_score.png`` (coloured by nces_median); return paths."""
+    ``eval_dirs``) and ``l0_vs_ce_loss_score.png`` (coloured by nces_geomean); return paths."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -391,7 +392,7 @@ def plot_results(
     if {"l0", "ce_loss_score"} <= set(table.columns):
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.subplots()
-        colour = table["nces_median"] if "nces_median" in table else pd.Series(np.nan, table.index)
+        colour = table["nces_geomean"] if "nces_geomean" in table else pd.Series(np.nan, table.index)
         points = ax.scatter(
             table["l0"],
             table["ce_loss_score"],
@@ -409,7 +410,7 @@ def plot_results(
                 xytext=(4, 4),
                 textcoords="offset points",
             )
-        fig.colorbar(points, ax=ax, label="nces_median")
+        fig.colorbar(points, ax=ax, label="nces_geomean")
         ax.set_xlabel("L0 (core)")
         ax.set_ylabel("ce_loss_score (core)")
         ax.set_title("Sparsity vs faithfulness, coloured by causal verification")

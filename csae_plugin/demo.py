@@ -25,8 +25,9 @@ SUMMARY_COLUMNS = (
     "explained_variance",
     "kl_div_score",
     "ce_loss_score",
-    "nces_median",
+    "nces_geomean",
     "frac_verified",
+    "mean_effect_kl",
     "frac_dead",
 )
 

@@ -28,7 +28,7 @@ METRICS = (
     "explained_variance",
     "ce_loss_score",
     "kl_div_score",
-    "nces_median",
+    "nces_geomean",
     "frac_verified",
 )
 TOLERANCES = {
@@ -36,7 +36,7 @@ TOLERANCES = {
     "explained_variance": ("absolute", 0.05),
     "ce_loss_score": ("absolute", 0.03),
     "kl_div_score": ("absolute", 0.03),
-    "nces_median": ("relative", 0.30),
+    "nces_geomean": ("relative", 0.30),
     "frac_verified": ("absolute", 0.25),
 }
 ADVANTAGE_DROP = 0.25

@@ -26,7 +26,7 @@ def reference_and_table() -> tuple[dict, pd.DataFrame]:
             explained_variance=0.7,
             ce_loss_score=0.9,
             kl_div_score=0.88,
-            nces_median=3.0,
+            nces_geomean=3.0,
             frac_verified=0.9,
         ),
         "topk_1024_k32": dict(
@@ -34,7 +34,7 @@ def reference_and_table() -> tuple[dict, pd.DataFrame]:
             explained_variance=0.72,
             ce_loss_score=0.91,
             kl_div_score=0.89,
-            nces_median=2.5,
+            nces_geomean=2.5,
             frac_verified=0.6,
         ),
     }

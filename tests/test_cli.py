@@ -97,7 +97,7 @@ def test_c1_run_writes_core_and_nces_results(tmp_path, tiny_world, capsys):
     causal = json.loads((out / "nces/local_causal_eval_results.json").read_text())
     assert causal["sae_cfg_dict"]["architecture"] == "causal"
     summary = capsys.readouterr().out
-    assert "causal" in summary and "standard" in summary and "nces_median" in summary
+    assert "causal" in summary and "standard" in summary and "nces_geomean" in summary
 
 
 # C2. each bad input: exit code 2, one line on stderr, no result file, cheap checks before the model
