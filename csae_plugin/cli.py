@@ -392,7 +392,9 @@ def plot_results(
     if {"l0", "ce_loss_score"} <= set(table.columns):
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.subplots()
-        colour = table["nces_geomean"] if "nces_geomean" in table else pd.Series(np.nan, table.index)
+        colour = (
+            table["nces_geomean"] if "nces_geomean" in table else pd.Series(np.nan, table.index)
+        )
         points = ax.scatter(
             table["l0"],
             table["ce_loss_score"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.registry import SAE_CLASS_REGISTRY
@@ -26,6 +27,19 @@ def _check_architecture(architecture: str, where: str) -> None:
     raise SAELoadError(f"{where} has unknown architecture {architecture!r} (known: {known})")
 
 
+def check_sae_weights(sae: SAE, where: str) -> None:
+    """Raise :class:`SAELoadError` if a parameter of ``sae`` holds NaN or inf, or ``k`` is not
+    a whole number (either would make every later number meaningless)."""
+    for name, param in sae.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise SAELoadError(
+                f"{where} has NaN or inf values in {name}; retrain or re-save the SAE"
+            )
+    k = getattr(sae.cfg, "k", None)
+    if k is not None and (not float(k).is_integer() or k < 1):
+        raise SAELoadError(f"{where} has k={k}; k must be a whole number >= 1")
+
+
 def load_sae_from_folder(path: str | Path, device: str = "cpu") -> SAE:
     """Load a saved SAE folder (``cfg.json`` + ``sae_weights.safetensors``)."""
     folder = Path(path)
@@ -38,17 +52,24 @@ def load_sae_from_folder(path: str | Path, device: str = "cpu") -> SAE:
             f"{SAE_WEIGHTS_FILENAME} (as written by SAE.save_model)"
         )
     try:
-        architecture = json.loads(cfg_path.read_text()).get("architecture", "standard")
+        cfg = json.loads(cfg_path.read_text())
+        architecture = cfg.get("architecture", "standard")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         raise SAELoadError(f"{str(cfg_path)!r} is corrupt ({err}); re-save the SAE") from err
-    _check_architecture(architecture, f"SAE folder {str(folder)!r}")
+    where = f"SAE folder {str(folder)!r}"
+    _check_architecture(architecture, where)
+    k = cfg.get("k")
+    if isinstance(k, float) and not k.is_integer():
+        raise SAELoadError(f"{where} has k={k} in {SAE_CFG_FILENAME}; k must be a whole number")
     try:
-        return SAE.load_from_disk(folder, device=device)
+        sae = SAE.load_from_disk(folder, device=device)
     except Exception as err:  # safetensors/torch raise many types for a damaged file
         raise SAELoadError(
-            f"SAE folder {str(folder)!r} could not be loaded ({type(err).__name__}: "
+            f"{where} could not be loaded ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:160]}); re-save the SAE"
         ) from err
+    check_sae_weights(sae, where)
+    return sae
 
 
 def load_sae(spec: str, device: str = "cpu") -> tuple[SAE, str, str]:
@@ -74,4 +95,5 @@ def load_sae(spec: str, device: str = "cpu") -> tuple[SAE, str, str]:
             f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
             "offline, pass a saved SAE folder instead"
         ) from err
+    check_sae_weights(sae, f"SAE {release}:{sae_id}")
     return sae, release, sae_id

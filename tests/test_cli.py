@@ -111,6 +111,9 @@ def test_c1_run_writes_core_and_nces_results(tmp_path, tiny_world, capsys):
         ("unwritable_output", "can't be written"),
         ("bad_config", "null_draws"),
         ("unknown_null", "unknown null 'gaussian'"),
+        ("one_null_draw", "null_draws"),
+        ("nan_weights", "NaN or inf values in W_dec"),
+        ("fractional_k", "k must be a whole number"),
         ("hook_mismatch", "not in the model"),
         ("d_in_mismatch", "does not match"),
         ("unknown_model", "has no config.json"),
@@ -125,7 +128,8 @@ def test_c2_bad_inputs_exit_2_with_one_line(
     out = tmp_path / "results"
     args = {"--eval": "core,nces", "--sae": str(sae), "--model": "tiny", "--output-dir": str(out)}
     cheap = case in ("unknown_eval", "missing_sae", "corrupt_sae", "unknown_architecture")
-    cheap |= case in ("unwritable_output", "bad_config", "unknown_null")
+    cheap |= case in ("unwritable_output", "bad_config", "unknown_null", "one_null_draw")
+    cheap |= case in ("nan_weights", "fractional_k")
     if case == "unknown_eval":
         args["--eval"] = "nces,probing"
     elif case == "missing_sae":
@@ -142,6 +146,17 @@ def test_c2_bad_inputs_exit_2_with_one_line(
         args["--null-draws"] = "0"
     elif case == "unknown_null":
         args["--null"] = "matched,gaussian"
+    elif case == "one_null_draw":
+        args["--null-draws"] = "1"
+    elif case == "nan_weights":
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(sae / "sae_weights.safetensors")
+        weights["W_dec"][3, 5] = float("nan")
+        save_file(weights, sae / "sae_weights.safetensors")
+    elif case == "fractional_k":
+        cfg = json.loads((sae / "cfg.json").read_text())
+        (sae / "cfg.json").write_text(json.dumps(cfg | {"architecture": "topk", "k": 7.5}))
     elif case == "hook_mismatch":
         args["--sae"] = str(save_standard(tmp_path / "hook", hook="blocks.9.hook_resid_post"))
     elif case == "d_in_mismatch":

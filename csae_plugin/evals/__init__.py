@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from csae_plugin.checks import check_model_matches_sae
+from csae_plugin.loading import SAELoadError, check_sae_weights
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -110,6 +111,10 @@ def validate_inputs(
             "the SAE has no hook_name in cfg.metadata; set it to the model hook the SAE reads"
         )
     check_model_matches_sae(model, hook_name, sae.cfg.d_in)
+    try:
+        check_sae_weights(sae, "the SAE")
+    except SAELoadError as err:
+        raise EvalInputError(str(err)) from None
     for what, tokens in (("evaluation", eval_tokens), ("reference", reference_tokens)):
         if tokens is None:
             continue

@@ -70,9 +70,10 @@ class NCESEvalConfig(BaseEvalConfig):
     )
     null_draws: int = Field(
         default=8,
-        ge=1,
+        ge=2,
         title="Null Draws",
-        description="Random directions per latent and null (K); significance needs at least 2",
+        description="Random directions per latent and null (K, at least 2: the significance "
+        "test compares the latent with the spread of its null directions)",
     )
     seqs_per_latent: int = Field(
         default=16,
