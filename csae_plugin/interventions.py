@@ -174,7 +174,7 @@ def reference_stats(
     n_valid = int(setup.valid.sum())
     if n_valid == 0:
         raise ValueError("no reference tokens: every position is BOS or padding")
-    flat_valid = setup.valid.flatten().nonzero().squeeze(1)
+    flat_valid = setup.valid.flatten().nonzero().squeeze(1).cpu()  # indexes the CPU pool
     gen = draw_generator(seed, 2)
     pool_tokens = flat_valid[torch.randint(n_valid, (pool_size,), generator=gen)]
 
@@ -290,7 +290,7 @@ def decoder_directions(sae: SAE, latents: torch.Tensor) -> torch.Tensor:
     ``rescale_acts_by_decoder_norm``), so perturbations are always exactly what decode adds.
     """
     one_hot = torch.zeros(len(latents) + 1, sae.cfg.d_sae, dtype=sae.dtype, device=sae.W_dec.device)
-    one_hot[torch.arange(len(latents)), latents.to(one_hot.device)] = 1.0
+    one_hot[torch.arange(len(latents), device=one_hot.device), latents.to(one_hot.device)] = 1.0
     out = sae.decode(one_hot).reshape(len(latents) + 1, -1)
     return (out[:-1] - out[-1:]).float()
 
@@ -786,7 +786,7 @@ def _run_pairs(
         positions = torch.arange(h.shape[1], device=h.device)
         scored = clean.valid[rows] & (positions[None, :] >= t0[:, None])
         kl = _mean_kl(setup, clean, rows, h, scored)
-        kl[(delta == 0).flatten(1).all(1)] = 0.0  # nothing changed: the clean forward, exactly
+        kl[(delta == 0).flatten(1).all(1).cpu()] = 0.0  # nothing changed: the clean forward
         for (p, v), value in zip(batch, kl.tolist(), strict=True):
             li, j, _ = pairs[p]
             if v == 0:

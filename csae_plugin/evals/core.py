@@ -183,7 +183,7 @@ def explained_variance(
             stop_at_layer=None if layer is None else int(layer.group(1)) + 1,
             return_type=None,
         )
-        keep = ~torch.isin(rows, ignore)
+        keep = ~torch.isin(rows, ignore.to(rows.device))
         x = cache[hook].flatten(2)[keep.to(model.cfg.device)].to(sae.dtype)
         x_hat = sae.decode(sae.encode(x))
         x, x_hat = x.double(), x_hat.double()

@@ -1,0 +1,84 @@
+"""The one-shot GPU check script's CPU-testable parts, and the engine's device hygiene."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import TopKSAE, TopKSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from csae_plugin import interventions as iv
+
+SCRIPT = Path(__file__).resolve().parents[1] / "evals" / "gpu_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    saved = dict(os.environ)  # the script sets offline variables for itself: not for the tests
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA failure")
+def test_cuda_requested_without_cuda_fails_loudly(tmp_path, capsys):
+    gpu_check = load_script()
+    code = gpu_check.main(["--device", "cuda", "--out-dir", str(tmp_path)])
+    assert code == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+    (written,) = tmp_path.glob("gpu_check_*.json")
+    result = json.loads(written.read_text())
+    assert result["status"] == "SETUP ERROR"
+    assert result["machine"]["cuda_available"] is False
+
+
+def test_compare_uses_relative_tolerance_and_missing_pattern():
+    gpu_check = load_script()
+    cpu = np.array([[1e-2, 2e-3], [np.nan, 5e-4]])
+    close = gpu_check._compare(cpu * (1 + 5e-4), cpu)
+    assert close["allclose"] and close["same_missing"] and close["max_rel"] < 1e-3
+    assert not gpu_check._compare(cpu * (1 + 2e-3), cpu)["allclose"]
+    shifted = cpu.copy()
+    shifted[1, 0] = 1.0
+    assert not gpu_check._compare(shifted, cpu)["allclose"]
+    assert gpu_check._compare([1.0, 2.0], [1.0, None])["same_missing"] is False
+
+
+def test_random_model_config_is_gemma3_270m():
+    gpu_check = load_script()
+    cfg = json.loads(gpu_check.MODEL_CONFIG.read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"]
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]) == (18, 640, 262144)
+
+
+def test_reference_stats_builds_no_autograd_graph():
+    """Called outside ``no_grad`` (as evals/bench_nces.py does), the statistics must not hold
+    an autograd graph spanning every batch of reference tokens."""
+    model = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=2, d_model=16, n_heads=2, d_head=8, d_vocab=50, n_ctx=8, act_fn="gelu"
+        )
+    )
+    sae = TopKSAE(
+        TopKSAEConfig(
+            d_in=16, d_sae=32, k=4, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post")
+        )
+    )
+    tokens = torch.randint(1, 50, (6, 8), generator=torch.Generator().manual_seed(0))
+    stats = iv.reference_stats(model, sae, tokens, batch_size=2, bos_token_id=0)
+    for value in (stats.mean_act, stats.max_act, stats.act_mean, stats.cov_factor):
+        assert not value.requires_grad
+    assert np.isfinite(stats.act_mean.numpy()).all()
