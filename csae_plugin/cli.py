@@ -86,13 +86,27 @@ def arg_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--sae",
+        "--sae_paths",
         nargs="+",
-        required=True,
+        default=[],
         metavar="SPEC",
         help="saved SAE folders or SAELens 'release:sae_id' pairs",
     )
     run.add_argument(
+        "--sae_regex_pattern",
+        "--sae-regex-pattern",
+        help="SAELens release names matching this regex (with --sae_block_pattern), as "
+        "SAEBench's scripts select SAEs",
+    )
+    run.add_argument(
+        "--sae_block_pattern",
+        "--sae-block-pattern",
+        default=".*",
+        help="SAE ids matching this regex within the selected releases (default: %(default)s)",
+    )
+    run.add_argument(
         "--model",
+        "--model_name",
         default=EMBEDDED_MODEL,
         help="TransformerLens name (hub), local Hugging Face folder, or the embedded "
         "'%(default)s' (default)",
@@ -102,9 +116,13 @@ def arg_parser() -> argparse.ArgumentParser:
         default=EMBEDDED_DATASET,
         help="Hugging Face dataset or local data file, or the embedded '%(default)s' (default)",
     )
-    run.add_argument("--output-dir", default="eval_results", help="default: %(default)s")
+    run.add_argument(
+        "--output-dir", "--output_folder", default="eval_results", help="default: %(default)s"
+    )
     run.add_argument("--device", default=_default_device(), help="default: %(default)s")
-    run.add_argument("--force-rerun", action="store_true", help="redo SAEs with results")
+    run.add_argument(
+        "--force-rerun", "--force_rerun", action="store_true", help="redo SAEs with results"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(
         run.add_argument_group("NCES eval config"),  # type: ignore[arg-type]
@@ -149,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a parser that exits by itself
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     except KeyboardInterrupt:
-        return _error("interrupted; finished results are kept and a rerun resumes after them")
+        _error("interrupted; finished results are kept and a rerun resumes after them")
+        return 130  # the shell's code for Ctrl-C
     except (ValueError, OSError) as err:
         return _error(_one_line(err))
     except Exception as err:  # torch, datasets, ...: still one line, never a traceback
@@ -448,9 +467,22 @@ def _results(dirs: Sequence[str | Path]) -> list[tuple[str, dict[str, Any]]]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(NCESEvalConfig, args, model_name=args.model, dataset=args.dataset)
+    specs = list(args.sae)
+    if args.sae_regex_pattern:
+        from sae_bench.sae_bench_utils.sae_selection_utils import get_saes_from_regex
+
+        found = get_saes_from_regex(args.sae_regex_pattern, args.sae_block_pattern)
+        if not found:
+            raise _UsageError(
+                f"no SAELens release matches --sae_regex_pattern {args.sae_regex_pattern!r} "
+                f"and --sae_block_pattern {args.sae_block_pattern!r}"
+            )
+        specs += [f"{release}:{sae_id}" for release, sae_id in found]
+    if not specs:
+        raise _UsageError("no SAE given; pass --sae FOLDER|release:sae_id or --sae_regex_pattern")
     table = evaluate_saes(
         args.eval,
-        args.sae,
+        specs,
         output_dir=args.output_dir,
         device=args.device,
         force_rerun=args.force_rerun,

@@ -181,7 +181,7 @@ def test_c2_bad_inputs_exit_2_with_one_line(
         assert tiny_world == []
 
 
-# C3. an interrupt exits 2 with one line, keeps finished SAEs, and a rerun resumes after them
+# C3. an interrupt exits 130 with one line, keeps finished SAEs, and a rerun resumes after them
 def test_c3_interrupt_keeps_finished_saes_and_rerun_resumes(
     tmp_path, tiny_world, monkeypatch, capsys
 ):
@@ -198,7 +198,7 @@ def test_c3_interrupt_keeps_finished_saes_and_rerun_resumes(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(nces_main, "latent_effects", interrupt_second)
-    assert cli.main(argv) == 2
+    assert cli.main(argv) == 130
     assert "interrupted" in one_error_line(capsys)
     assert result_files(out) == ["nces/local_a_eval_results.json"]
     first = (out / "nces/local_a_eval_results.json").read_text()
@@ -248,3 +248,22 @@ def test_c6_demo_is_forwarded(monkeypatch):
     monkeypatch.setattr(demo, "main", lambda argv: seen.append(argv) or 0)
     assert cli.main(["demo", "--k", "8", "--latents", "4"]) == 0
     assert seen == [["--k", "8", "--latents", "4"]]
+
+
+# C6. SAEBench's own spellings of the options work too
+def test_c6_saebench_spellings_are_accepted(tmp_path, tiny_world, capsys):
+    sae = save_standard(tmp_path / "sae")
+    out = tmp_path / "results"
+    argv = ["run", "--eval", "nces", "--sae_paths", str(sae), "--model_name", "tiny"]
+    argv += ["--output_folder", str(out), "--null_draws", "3", "--seqs_per_latent", "2"]
+    argv += ["--latents", "4", "--n_bootstrap", "20", "--force_rerun"]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    capsys.readouterr()
+    data = json.loads((out / "nces/local_sae_eval_results.json").read_text())
+    assert data["eval_config"]["null_draws"] == 3 and data["eval_config"]["seqs_per_latent"] == 2
+    assert cli.main(["run", "--eval", "nces", "--model", "tiny"]) == 2
+    assert "no SAE given" in one_error_line(capsys)
+    parsed = nces_main.arg_parser().parse_args(
+        ["--sae", "x", "--output-dir", "o", "--null-draws", "3", "--force-rerun"]
+    )
+    assert (parsed.sae_paths, parsed.output_folder, parsed.null_draws) == (["x"], "o", "3")

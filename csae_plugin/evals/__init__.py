@@ -156,19 +156,21 @@ def add_config_arguments(
     """One ``--flag`` per field of a pydantic config dataclass, help = the field description.
 
     Values stay strings (default ``None`` = the config's default); the config validates and
-    converts them when built by :func:`config_from_args`. ``dashes`` spells ``null_draws`` as
-    ``--null-draws`` (the plugin CLI) instead of ``--null_draws`` (SAEBench's scripts).
+    converts them when built by :func:`config_from_args`. Both spellings are accepted
+    (``--null-draws`` and ``--null_draws``, as SAEBench's scripts spell them); ``dashes``
+    chooses which one the help shows first.
     """
     skipped = set(skip)
     for field in dataclasses.fields(config_cls):
         if field.name in skipped:
             continue
         info = field.default
-        flag = "--" + (field.name.replace("_", "-") if dashes else field.name)
+        spellings = ["--" + field.name.replace("_", "-"), "--" + field.name]
+        flags = dict.fromkeys(spellings if dashes else spellings[::-1])
         default = getattr(info, "default", None)
         description = getattr(info, "description", "") or ""
         parser.add_argument(
-            flag,
+            *flags,
             dest=field.name,
             default=None,
             metavar=field.name.upper(),

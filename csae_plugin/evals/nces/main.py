@@ -292,12 +292,19 @@ def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Run the NCES causal-effect evaluation")
     parser.add_argument(
         "--sae_regex_pattern",
+        "--sae-regex-pattern",
         help="Regex pattern for SAELens release names (with --sae_block_pattern)",
     )
-    parser.add_argument("--sae_block_pattern", help="Regex pattern for SAELens SAE ids")
-    parser.add_argument("--sae_paths", nargs="+", default=[], help="Saved SAE folders")
-    parser.add_argument("--output_folder", default="eval_results/nces", help="Output folder")
-    parser.add_argument("--force_rerun", action="store_true", help="Force rerun of experiments")
+    parser.add_argument(
+        "--sae_block_pattern", "--sae-block-pattern", help="Regex pattern for SAELens SAE ids"
+    )
+    parser.add_argument("--sae_paths", "--sae", nargs="+", default=[], help="Saved SAE folders")
+    parser.add_argument(
+        "--output_folder", "--output-dir", default="eval_results/nces", help="Output folder"
+    )
+    parser.add_argument(
+        "--force_rerun", "--force-rerun", action="store_true", help="Force rerun of experiments"
+    )
     parser.add_argument("--device", default=None, help="Device (default: cuda if available)")
     add_config_arguments(parser, NCESEvalConfig)
     return parser
