@@ -323,6 +323,7 @@ def run(
     plot_results(table, out / "plots", eval_dirs=[eval_dir])
     plot_verified(table, out / "plots" / "l0_vs_frac_verified.png")
     summary_table(out)
+    null_table(out)
     return table
 
 
@@ -368,6 +369,59 @@ def summary_table(out: Path) -> str:
         text += "(post hoc, same results):\n\n" + bars.to_markdown(floatfmt=".3g") + "\n"
     (out / "summary.md").write_text(text)
     return text
+
+
+NULLS = ("matched", "covariance", "isotropic")
+
+
+def null_table(out: Path) -> pd.DataFrame:
+    """Per SAE (trained and reference) and null: geometric-mean NCES with its CI over latents,
+    fraction verified and the number of live latents, beside the absolute effect; written to
+    ``<out>/nulls.md`` / ``nulls.csv`` with a plot ``<out>/plots/nces_geomean_by_null.png``."""
+    from matplotlib.figure import Figure
+
+    rows = {}
+    for path in sorted((out / "eval_results" / "nces").glob("*_eval_results.json")):
+        result = json.loads(path.read_text())
+        name = path.name.removeprefix("local_").removesuffix("_eval_results.json")
+        metrics = result["eval_result_metrics"]
+        live = sum(not d["dead"] for d in result["eval_result_details"])
+        row = {"n_live": live, "mean_effect_kl": metrics["nces"]["mean_effect_kl"]}
+        for null in NULLS:
+            m = metrics.get(f"nces_{null}") or {}
+            if m.get("null") is None:
+                continue
+            ci = (m["nces_geomean_ci_low"], m["nces_geomean_ci_high"])
+            row[f"geomean_{null}"] = m["nces_geomean"]
+            row[f"ci_{null}"] = "n/a" if None in ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+            row[f"ci_low_{null}"], row[f"ci_high_{null}"] = ci
+            row[f"frac_verified_{null}"] = m["frac_verified"]
+        rows[name] = row
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("sae")
+    table.to_csv(out / "nulls.csv")
+    shown = ["n_live", "mean_effect_kl"]
+    shown += [f"{c}_{n}" for n in NULLS for c in ("geomean", "ci", "frac_verified")]
+    (out / "nulls.md").write_text(
+        table[[c for c in shown if c in table]].to_markdown(floatfmt=".3g") + "\n"
+    )
+    fig = Figure(figsize=(8, 0.35 * len(table) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    for offset, null in zip((-0.2, 0.0, 0.2), NULLS, strict=True):
+        if f"geomean_{null}" not in table:
+            continue
+        y = range(len(table))
+        mid = table[f"geomean_{null}"].to_numpy(dtype=float)
+        low = table[f"ci_low_{null}"].to_numpy(dtype=float)
+        err = [mid - low, table[f"ci_high_{null}"].to_numpy(dtype=float) - mid]
+        ax.errorbar(mid, [v + offset for v in y], xerr=err, fmt="o", label=null, capsize=2)
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(table)), table.index)
+    ax.set_xscale("log")
+    ax.set_xlabel("geometric-mean NCES over scored latents (95% bootstrap CI)")
+    ax.legend(title="null")
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "plots" / "nces_geomean_by_null.png", dpi=120)
+    return table
 
 
 def collect(outs: list[Path], target: Path) -> pd.DataFrame:
@@ -565,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.summary:
         print(summary_table(out))
+        print(null_table(out).to_string())
         plot_verified(pd.read_csv(out / "table.csv"), out / "plots" / "l0_vs_frac_verified.png")
         return
     if args.ablate_interventions:
