@@ -460,20 +460,12 @@ REFERENCE_TOKENS = 128
 
 
 def save_references(model, splits, preset: Preset, saes_dir: Path, seed: int) -> list[Path]:
-    """Build and save each reference dictionary (``reference_<kind>``, random ones at the
-    preset's width), unless already saved; their folders."""
-    from csae_plugin.evals.reference_saes import REFERENCE_KINDS, hook_activations, reference_sae
+    """The reference dictionaries (random ones at the preset's width), built on training rows
+    and saved under ``saes_dir`` unless already there; their folders."""
+    from csae_plugin.evals.reference_saes import save_reference_saes
 
-    folders = [saes_dir / f"reference_{kind.replace('_', '-')}" for kind in REFERENCE_KINDS]
-    if all(f.joinpath("cfg.json").is_file() for f in folders):
-        return folders
     tokens = splits.train[:REFERENCE_TOKENS, : preset.nces_context]
-    acts = hook_activations(model, HOOK, tokens)
-    for kind, folder in zip(REFERENCE_KINDS, folders, strict=True):
-        width = preset.d_sae if kind.startswith("random") else None
-        sae = reference_sae(kind, acts, HOOK, d_sae=width, seed=seed, model_name="gemma-3-270m")
-        sae.save_model(folder)
-    return folders
+    return save_reference_saes(model, HOOK, tokens, saes_dir, d_sae=preset.d_sae, seed=seed)
 
 
 def _k_of(name: str) -> float:

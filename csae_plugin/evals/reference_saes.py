@@ -17,6 +17,8 @@ quantile). Decoder rows are unit-norm, so SAEBench's checks pass and decode is l
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -118,3 +120,32 @@ def reference_sae(
         sae.b_enc.zero_()
         sae.threshold.copy_(threshold)
     return sae.eval()
+
+
+def save_reference_saes(
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: torch.Tensor,
+    folder: str | Path,
+    *,
+    d_sae: int | None = None,
+    kinds: tuple[str, ...] = REFERENCE_KINDS,
+    seed: int = 0,
+    bos_token_id: int | None = None,
+) -> list[Path]:
+    """Build each reference dictionary of ``kinds`` on ``tokens`` and save it (SAELens layout)
+    as ``<folder>/reference_<kind>`` unless already saved; the folders, in ``kinds``' order.
+
+    Random dictionaries get ``d_sae`` latents (default d_in); PCA and identity have d_in.
+    """
+    root = Path(folder)
+    folders = [root / f"reference_{kind.replace('_', '-')}" for kind in kinds]
+    if all(f.joinpath("cfg.json").is_file() for f in folders):
+        return folders
+    acts = hook_activations(model, hook_name, tokens, bos_token_id=bos_token_id)
+    name = model.cfg.model_name
+    for kind, target in zip(kinds, folders, strict=True):
+        width = d_sae if kind.startswith("random") else None
+        sae = reference_sae(kind, acts, hook_name, d_sae=width, seed=seed, model_name=name)
+        sae.save_model(target)
+    return folders
