@@ -49,6 +49,12 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl-every", type=int, default=10)
     parser.add_argument("--latents", type=int, default=16, help="latents scored by nces")
     parser.add_argument(
+        "--reference-latents",
+        type=int,
+        default=8,
+        help="latents scored per reference dictionary (random, PCA, identity); 0: none",
+    )
+    parser.add_argument(
         "--eval-context", type=int, default=64, help="tokens per held-out sequence scored"
     )
     parser.add_argument("--null-draws", type=int, default=4)
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device=args.device)
     check_hook(model, args.hook)
     splits = corpus_splits(model.tokenizer, args.context_size, seed=args.seed, dataset=args.dataset)
-    bos = model.tokenizer.bos_token_id
+    bos = getattr(model.tokenizer, "bos_token_id", None)
     special = [bos] if bos is not None else None
     print(
         f"[demo] corpus: {splits.train.shape[0]} training and {splits.eval.shape[0]} evaluation "
@@ -123,26 +129,49 @@ def main(argv: list[str] | None = None) -> int:
 
     from csae_plugin.cli import evaluate_saes, load_results, plot_results
 
-    evaluate_saes(
-        evals=["core", "nces"],
-        sae_specs=[str(f) for f in folders],
-        model=model,
-        # core and nces read the same held-out rows, cut to --eval-context tokens
-        eval_tokens=splits.eval[: args.n_eval_sequences, : args.eval_context],
-        reference_tokens=splits.train[: args.n_eval_sequences, : args.eval_context],
-        output_dir=out / "eval_results",
-        device=args.device,
-        nces_overrides={
-            "latents": args.latents,
-            "null_draws": args.null_draws,
-            "seqs_per_latent": args.seqs_per_latent,
-            "random_seed": args.seed,
-            "context_size": args.eval_context,
-        },
-    )
+    nces = {
+        "latents": args.latents,
+        "null_draws": args.null_draws,
+        "seqs_per_latent": args.seqs_per_latent,
+        "random_seed": args.seed,
+        "context_size": args.eval_context,
+    }
+
+    def score(evals: list[str], saes: list[Path], latents: int) -> None:
+        evaluate_saes(
+            evals=evals,
+            sae_specs=[str(f) for f in saes],
+            model=model,
+            # core and nces read the same held-out rows, cut to --eval-context tokens
+            eval_tokens=splits.eval[: args.n_eval_sequences, : args.eval_context],
+            reference_tokens=splits.train[: args.n_eval_sequences, : args.eval_context],
+            output_dir=out / "eval_results",
+            device=args.device,
+            nces_overrides=nces | {"latents": latents},
+        )
+
+    score(["core", "nces"], folders, args.latents)
+    if args.reference_latents > 0:
+        from csae_plugin.evals.reference_saes import save_reference_saes
+
+        print("[demo] reference dictionaries: random, PCA, identity", flush=True)
+        references = save_reference_saes(
+            model,
+            args.hook,
+            splits.train[:128, : args.eval_context],
+            out / "saes",
+            d_sae=args.d_sae,
+            seed=args.seed,
+            bos_token_id=bos,
+        )
+        score(["nces"], references, args.reference_latents)
     table = load_results([out / "eval_results"])
     table["train_seconds"] = [train_seconds.get(name, float("nan")) for name in table.index]
-    summary = table[[c for c in (*SUMMARY_COLUMNS, "train_seconds") if c in table.columns]]
+    # how many latents each fraction is over: scored, and live among them
+    table["n_scored"] = table["n_latents_evaluated"]
+    table["n_live"] = (table["n_latents_evaluated"] * (1 - table["frac_dead"])).round()
+    columns = (*SUMMARY_COLUMNS, "n_scored", "n_live", "train_seconds")
+    summary = table[[c for c in columns if c in table.columns]]
     summary.to_csv(out / "comparison.csv")
     (out / "comparison.json").write_text(
         json.dumps(

@@ -1,0 +1,32 @@
+"""``sae_bench demo`` end to end on the tiny model: two trained SAEs and the references."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from conftest import make_tiny_model, make_tokens
+
+from csae_plugin import data, demo
+
+
+def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, monkeypatch):
+    model = make_tiny_model()  # no tokenizer: BOS is not special here
+    splits = data.CorpusSplits(train=make_tokens(200), eval=make_tokens(24, seed=1))
+    monkeypatch.setattr(demo, "load_model", lambda name, device="cpu": model)
+    monkeypatch.setattr(data, "corpus_splits", lambda *args, **kwargs: splits)
+    argv = ["--hook", "blocks.0.hook_resid_post", "--d-sae", "64", "--k", "4"]
+    argv += ["--training-tokens", "2048", "--context-size", "16", "--eval-context", "16"]
+    argv += ["--latents", "4", "--reference-latents", "3", "--n-eval-sequences", "8"]
+    argv += ["--null-draws", "2", "--seqs-per-latent", "2", "--device", "cpu"]
+    assert demo.main([*argv, "--output-dir", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "comparison.csv", index_col="sae")
+    references = [f"reference_{k}" for k in ("random-isotropic", "random-covariance")]
+    references += ["reference_random-mixture", "reference_pca", "reference_identity"]
+    assert sorted(table.index) == sorted(["causal_64_k4", "topk_64_k4", *references])
+    assert (table.loc[["causal_64_k4", "topk_64_k4"], "n_scored"] == 4).all()
+    assert (table.loc[references, "n_scored"] == 3).all()
+    assert table.loc["topk_64_k4", "l0"] > 0 and table.loc[references, "l0"].isna().all()
+    assert {"nces_geomean", "frac_verified", "mean_effect_kl", "n_live"} <= set(table.columns)
+    settings = json.loads((tmp_path / "comparison.json").read_text())["settings"]
+    assert settings["reference_latents"] == 3
