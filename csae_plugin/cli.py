@@ -226,7 +226,9 @@ def evaluate_saes(
     if pending:
         if model is None:
             _say(f"loading model {nces_config.model_name} on {device}", progress)
-            model = models.load_model(nces_config.model_name, device=device)
+            model = models.load_model(
+                nces_config.model_name, device=device, dtype=nces_config.llm_dtype
+            )
         if eval_tokens is None or reference_tokens is None:
             loaded_eval, loaded_reference = nces_main.load_tokens(model, nces_config)
             eval_tokens = loaded_eval if eval_tokens is None else eval_tokens

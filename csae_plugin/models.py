@@ -50,21 +50,38 @@ class ModelLoadError(ValueError):
     """A model could not be loaded; the message says which, why, and what works offline."""
 
 
-def load_model(name: str = EMBEDDED_MODEL, device: str = "cpu") -> HookedTransformer:
-    """Load ``name`` as an unprocessed float32 ``HookedTransformer`` on ``device``.
+LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Model dtypes by the names SAEBench's ``llm_dtype`` uses."""
+
+
+def llm_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``name`` ('float32', 'bfloat16', 'float16') as a torch dtype; one-line error otherwise."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in LLM_DTYPES:
+        raise ModelLoadError(f"unknown llm_dtype {name!r}; choose one of {', '.join(LLM_DTYPES)}")
+    return LLM_DTYPES[name]
+
+
+def load_model(
+    name: str = EMBEDDED_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32"
+) -> HookedTransformer:
+    """Load ``name`` as an unprocessed ``HookedTransformer`` on ``device`` in ``dtype``.
 
     Weights are not folded or centred (``from_pretrained_no_processing``), so activations
     and logits equal the Hugging Face model's, which is what SAEs and causal interventions
-    are measured against.
+    are measured against. ``dtype`` is float32 by default; bfloat16 / float16 halve the
+    memory (the intervention engine still reduces KL in float32).
     """
+    dtype = llm_dtype(dtype)
     try:
         if name.lower() in _EMBEDDED_ALIASES:
             hf_model, tokenizer = load_embedded_hf_model()
-            return _hooked(EMBEDDED_OFFICIAL_NAME, hf_model, tokenizer, device)
+            return _hooked(EMBEDDED_OFFICIAL_NAME, hf_model, tokenizer, device, dtype)
         folder = Path(name).expanduser()
         if folder.is_dir():
-            return _load_folder(folder, device)
-        return _load_from_hub(name, device)
+            return _load_folder(folder, device, dtype)
+        return _load_from_hub(name, device, dtype)
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -200,7 +217,7 @@ def _load_hf_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     return hf_model, tokenizer
 
 
-def _load_folder(folder: Path, device: str) -> HookedTransformer:
+def _load_folder(folder: Path, device: str, dtype: torch.dtype) -> HookedTransformer:
     """Wrap a local Hugging Face model folder in a ``HookedTransformer``.
 
     TransformerLens configures some families (Gemma) from their official name alone; for
@@ -214,8 +231,8 @@ def _load_folder(folder: Path, device: str) -> HookedTransformer:
     hf_model, tokenizer = _load_hf_folder(folder)
     official_name = _official_name_for(hf_model)
     if official_name is not None:
-        return _hooked(official_name, hf_model, tokenizer, device)
-    return _hooked_from_local_config(folder, hf_model, tokenizer, device)
+        return _hooked(official_name, hf_model, tokenizer, device, dtype)
+    return _hooked_from_local_config(folder, hf_model, tokenizer, device, dtype)
 
 
 def _official_name_for(hf_model: PreTrainedModel) -> str | None:
@@ -252,6 +269,7 @@ def _hooked(
     hf_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     device: str,
+    dtype: torch.dtype = torch.float32,
 ) -> HookedTransformer:
     """TransformerLens's own unprocessed wrapping of an already loaded Hugging Face model."""
     with warnings.catch_warnings():
@@ -261,7 +279,7 @@ def _hooked(
             hf_model=hf_model,
             tokenizer=tokenizer,
             device=device,
-            dtype=torch.float32,
+            dtype=dtype,
         )
     model.eval()
     return model
@@ -272,6 +290,7 @@ def _hooked_from_local_config(
     hf_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     device: str,
+    dtype: torch.dtype = torch.float32,
 ) -> HookedTransformer:
     """Wrap a local model whose architecture TransformerLens reads from ``config.json``.
 
@@ -283,10 +302,10 @@ def _hooked_from_local_config(
         path,
         hf_cfg=hf_model.config.to_dict(),
         device=device,
-        dtype=torch.float32,
+        dtype=dtype,
         local_files_only=True,
     )
-    state_dict = tl_loading.get_pretrained_state_dict(path, cfg, hf_model, dtype=torch.float32)
+    state_dict = tl_loading.get_pretrained_state_dict(path, cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
         state_dict,
@@ -301,7 +320,7 @@ def _hooked_from_local_config(
     return model
 
 
-def _load_from_hub(name: str, device: str) -> HookedTransformer:
+def _load_from_hub(name: str, device: str, dtype: torch.dtype) -> HookedTransformer:
     """A TransformerLens model by name from the hub; unknown names and no hub fail at once."""
     try:
         tl_loading.get_official_model_name(name)
@@ -313,9 +332,7 @@ def _load_from_hub(name: str, device: str) -> HookedTransformer:
         raise ModelLoadError(_load_error(name, "the Hugging Face hub is not reachable"))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TL_DEPRECATION, category=DeprecationWarning)
-        model = HookedTransformer.from_pretrained_no_processing(
-            name, device=device, dtype=torch.float32
-        )
+        model = HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype)
     model.eval()
     return model
 

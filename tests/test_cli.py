@@ -45,7 +45,7 @@ def tiny_world(monkeypatch):
     """Route model and token loading to the tiny model; record model loads."""
     loads = []
 
-    def load_model(name, device="cpu"):
+    def load_model(name, device="cpu", dtype="float32"):
         loads.append(name)
         return make_tiny_model()
 
@@ -169,7 +169,7 @@ def test_c2_bad_inputs_exit_2_with_one_line(
         model = make_tiny_model()
         with torch.no_grad():
             model.W_E[:] = float("nan")
-        monkeypatch.setattr(models, "load_model", lambda name, device="cpu": model)
+        monkeypatch.setattr(models, "load_model", lambda name, device="cpu", dtype="float32": model)
     elif case == "zero_tokens":
         empty = torch.zeros((0, 16), dtype=torch.long)
         monkeypatch.setattr(nces_main, "load_tokens", lambda model, config: (empty, empty))
@@ -267,3 +267,25 @@ def test_c6_saebench_spellings_are_accepted(tmp_path, tiny_world, capsys):
         ["--sae", "x", "--output-dir", "o", "--null-draws", "3", "--force-rerun"]
     )
     assert (parsed.sae_paths, parsed.output_folder, parsed.null_draws) == (["x"], "o", "3")
+
+
+# C7. --llm-dtype reaches the model loader; a dtype it does not know is a one-line error
+def test_c7_llm_dtype_is_passed_to_the_model_loader(tmp_path, monkeypatch, capsys):
+    asked = []
+
+    def load_model(name, device="cpu", dtype="float32"):
+        asked.append(dtype)
+        return make_tiny_model()
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(
+        nces_main, "load_tokens", lambda model, config: (make_tokens(12, 1), make_tokens(12, 2))
+    )
+    sae = str(save_standard(tmp_path / "sae"))
+    argv = ["run", "--eval", "nces", "--sae", sae, "--output-dir", str(tmp_path / "out"), *FAST]
+    assert cli.main([*argv, "--llm-dtype", "bfloat16"]) == 0
+    assert asked == ["bfloat16"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--llm-dtype", "float8", "--force-rerun"]) == 2
+    assert "llm_dtype" in one_error_line(capsys)
+    assert asked == ["bfloat16"]  # refused before any model load

@@ -13,7 +13,7 @@ from csae_plugin import data, demo
 def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, monkeypatch):
     model = make_tiny_model()  # no tokenizer: BOS is not special here
     splits = data.CorpusSplits(train=make_tokens(200), eval=make_tokens(24, seed=1))
-    monkeypatch.setattr(demo, "load_model", lambda name, device="cpu": model)
+    monkeypatch.setattr(demo, "load_model", lambda name, device="cpu", dtype="float32": model)
     monkeypatch.setattr(data, "corpus_splits", lambda *args, **kwargs: splits)
     argv = ["--hook", "blocks.0.hook_resid_post", "--d-sae", "64", "--k", "4"]
     argv += ["--training-tokens", "2048", "--context-size", "16", "--eval-context", "16"]

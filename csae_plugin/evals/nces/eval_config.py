@@ -22,6 +22,13 @@ class NCESEvalConfig(BaseEvalConfig):
         description="Model the SAE reads from: 'gemma-3-270m' (embedded, offline), a local "
         "Hugging Face model folder, or a TransformerLens model name from the hub",
     )
+    llm_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        title="LLM Data Type",
+        description="Data type the model runs in (as SAEBench's llm_dtype); with bfloat16 / "
+        "float16 the perturbations are added to the captured activations in float32 and the "
+        "KL is reduced from float32 logits",
+    )
     dataset: str = Field(
         default=EMBEDDED_DATASET,
         title="Dataset",

@@ -245,7 +245,7 @@ def run_eval(
     if not todo:
         return {}
     if model is None:
-        model = models.load_model(config.model_name, device=device)
+        model = models.load_model(config.model_name, device=device, dtype=config.llm_dtype)
     if eval_tokens is None or reference_tokens is None:
         loaded_eval, loaded_reference = load_tokens(model, config)
         eval_tokens = loaded_eval if eval_tokens is None else eval_tokens
