@@ -457,6 +457,9 @@ def collect(outs: list[Path], target: Path) -> pd.DataFrame:
 
 REFERENCE_TOKENS = 128
 """Training rows the reference dictionaries' covariance and thresholds come from."""
+REFERENCE_STUDY = ("random_isotropic", "random_covariance", "pca", "identity")
+"""The reference dictionaries scored beside the sweep's SAEs (the random mixture is covered by
+the calibration tests)."""
 
 
 def save_references(model, splits, preset: Preset, saes_dir: Path, seed: int) -> list[Path]:
@@ -465,7 +468,9 @@ def save_references(model, splits, preset: Preset, saes_dir: Path, seed: int) ->
     from csae_plugin.evals.reference_saes import save_reference_saes
 
     tokens = splits.train[:REFERENCE_TOKENS, : preset.nces_context]
-    return save_reference_saes(model, HOOK, tokens, saes_dir, d_sae=preset.d_sae, seed=seed)
+    return save_reference_saes(
+        model, HOOK, tokens, saes_dir, d_sae=preset.d_sae, kinds=REFERENCE_STUDY, seed=seed
+    )
 
 
 def _k_of(name: str) -> float:
