@@ -107,9 +107,9 @@ def arg_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--model",
         "--model_name",
-        default=EMBEDDED_MODEL,
+        default=None,
         help="TransformerLens name (hub), local Hugging Face folder, or the embedded "
-        "'%(default)s' (default)",
+        f"'{EMBEDDED_MODEL}' (default: the SAEs' own model_name, else {EMBEDDED_MODEL})",
     )
     run.add_argument(
         "--dataset",
@@ -196,6 +196,7 @@ def evaluate_saes(
     nces_config: NCESEvalConfig | None = None,
     nces_overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Run ``evals`` on each SAE of ``sae_specs``; return the summary table of their results.
 
@@ -203,6 +204,7 @@ def evaluate_saes(
     ``models.load_model(model_name)``) and the tokens (``eval_tokens``/``reference_tokens``,
     else the held-out and training splits of ``dataset``) are loaded once, only if some
     result is missing, and every SAE is checked against them before any eval starts.
+    ``model_kwargs`` go to the model loader (the SAEs' ``model_from_pretrained_kwargs``).
     """
     from csae_plugin.evals.nces import main as nces_main
     from csae_plugin.loading import load_sae
@@ -227,7 +229,10 @@ def evaluate_saes(
         if model is None:
             _say(f"loading model {nces_config.model_name} on {device}", progress)
             model = models.load_model(
-                nces_config.model_name, device=device, dtype=nces_config.llm_dtype
+                nces_config.model_name,
+                device=device,
+                dtype=nces_config.llm_dtype,
+                **(model_kwargs or {}),
             )
         if eval_tokens is None or reference_tokens is None:
             loaded_eval, loaded_reference = nces_main.load_tokens(model, nces_config)
@@ -468,7 +473,8 @@ def _results(dirs: Sequence[str | Path]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = config_from_args(NCESEvalConfig, args, model_name=args.model, dataset=args.dataset)
+    from csae_plugin.loading import sae_model
+
     specs = list(args.sae)
     if args.sae_regex_pattern:
         from sae_bench.sae_bench_utils.sae_selection_utils import get_saes_from_regex
@@ -482,6 +488,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
         specs += [f"{release}:{sae_id}" for release, sae_id in found]
     if not specs:
         raise _UsageError("no SAE given; pass --sae FOLDER|release:sae_id or --sae_regex_pattern")
+    trained_on = {spec: sae_model(spec) for spec in specs}
+    names = {name for name, _ in trained_on.values() if name}
+    kwargs = [kw for _, kw in trained_on.values() if kw]
+    if any(kw != kwargs[0] for kw in kwargs):
+        raise _UsageError(
+            "the SAEs need the model loaded differently (model_from_pretrained_kwargs "
+            f"{kwargs[0]} vs {next(kw for kw in kwargs if kw != kwargs[0])}); run them separately"
+        )
+    model_name = args.model
+    if model_name is None:
+        if len(names) > 1:
+            raise _UsageError(
+                f"the SAEs were trained on different models ({', '.join(sorted(names))}); "
+                "run them separately or pass --model"
+            )
+        if names:
+            model_name, source = names.pop(), "the SAEs' own model_name"
+        else:
+            model_name, source = EMBEDDED_MODEL, "the default: the SAEs record no model"
+        print(f"[{PROG}] model: {model_name} ({source}; --model overrides)", flush=True)
+    if kwargs:
+        print(f"[{PROG}] model loaded with the SAEs' {kwargs[0]}", flush=True)
+    config = config_from_args(NCESEvalConfig, args, model_name=model_name, dataset=args.dataset)
     table = evaluate_saes(
         args.eval,
         specs,
@@ -490,6 +519,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         force_rerun=args.force_rerun,
         nces_config=config,
         progress=not args.no_progress,
+        model_kwargs=kwargs[0] if kwargs else None,
     )
     print(_format(table))
     print(f"results in {args.output_dir}/<eval>/")

@@ -97,3 +97,28 @@ def load_sae(spec: str, device: str = "cpu") -> tuple[SAE, str, str]:
         ) from err
     check_sae_weights(sae, f"SAE {release}:{sae_id}")
     return sae, release, sae_id
+
+
+def sae_model(spec: str) -> tuple[str | None, dict]:
+    """The model an SAE was trained on, without loading its weights or reaching the hub:
+    ``(model_name, model_from_pretrained_kwargs)`` from a folder's ``cfg.json`` or from
+    SAELens's directory of releases (``release:sae_id``); ``(None, {})`` when not recorded."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        try:
+            cfg = json.loads((folder / SAE_CFG_FILENAME).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None, {}  # load_sae_from_folder says what is wrong
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        name = cfg.get("model_name") or meta.get("model_name")
+        kwargs = cfg.get("model_from_pretrained_kwargs") or meta.get("model_from_pretrained_kwargs")
+        return name, dict(kwargs or {})
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    release = spec.partition(":")[0] if ":" in spec else spec.partition("/")[0]
+    lookup = get_pretrained_saes_directory().get(release)
+    if lookup is None:
+        return None, {}
+    overrides = lookup.config_overrides or {}
+    kwargs = overrides.get("model_from_pretrained_kwargs") if isinstance(overrides, dict) else None
+    return lookup.model, dict(kwargs or {})

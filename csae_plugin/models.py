@@ -22,6 +22,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import torch
@@ -64,24 +65,31 @@ def llm_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(
-    name: str = EMBEDDED_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32"
+    name: str = EMBEDDED_MODEL,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    **from_pretrained_kwargs: Any,
 ) -> HookedTransformer:
     """Load ``name`` as an unprocessed ``HookedTransformer`` on ``device`` in ``dtype``.
 
     Weights are not folded or centred (``from_pretrained_no_processing``), so activations
     and logits equal the Hugging Face model's, which is what SAEs and causal interventions
     are measured against. ``dtype`` is float32 by default; bfloat16 / float16 halve the
-    memory (the intervention engine still reduces KL in float32).
+    memory (the intervention engine still reduces KL in float32). ``from_pretrained_kwargs``
+    (an SAE's ``model_from_pretrained_kwargs``, e.g. ``center_writing_weights=True`` for
+    gpt2-small-res-jb) go to TransformerLens's loader, so the model computes the activations
+    the SAE was trained on.
     """
     dtype = llm_dtype(dtype)
+    kwargs = from_pretrained_kwargs
     try:
         if name.lower() in _EMBEDDED_ALIASES:
             hf_model, tokenizer = load_embedded_hf_model()
-            return _hooked(EMBEDDED_OFFICIAL_NAME, hf_model, tokenizer, device, dtype)
+            return _hooked(EMBEDDED_OFFICIAL_NAME, hf_model, tokenizer, device, dtype, **kwargs)
         folder = Path(name).expanduser()
         if folder.is_dir():
-            return _load_folder(folder, device, dtype)
-        return _load_from_hub(name, device, dtype)
+            return _load_folder(folder, device, dtype, **kwargs)
+        return _load_from_hub(name, device, dtype, **kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -217,7 +225,7 @@ def _load_hf_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     return hf_model, tokenizer
 
 
-def _load_folder(folder: Path, device: str, dtype: torch.dtype) -> HookedTransformer:
+def _load_folder(folder: Path, device: str, dtype: torch.dtype, **kwargs: Any) -> HookedTransformer:
     """Wrap a local Hugging Face model folder in a ``HookedTransformer``.
 
     TransformerLens configures some families (Gemma) from their official name alone; for
@@ -231,8 +239,8 @@ def _load_folder(folder: Path, device: str, dtype: torch.dtype) -> HookedTransfo
     hf_model, tokenizer = _load_hf_folder(folder)
     official_name = _official_name_for(hf_model)
     if official_name is not None:
-        return _hooked(official_name, hf_model, tokenizer, device, dtype)
-    return _hooked_from_local_config(folder, hf_model, tokenizer, device, dtype)
+        return _hooked(official_name, hf_model, tokenizer, device, dtype, **kwargs)
+    return _hooked_from_local_config(folder, hf_model, tokenizer, device, dtype, **kwargs)
 
 
 def _official_name_for(hf_model: PreTrainedModel) -> str | None:
@@ -270,6 +278,7 @@ def _hooked(
     tokenizer: PreTrainedTokenizerBase,
     device: str,
     dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
 ) -> HookedTransformer:
     """TransformerLens's own unprocessed wrapping of an already loaded Hugging Face model."""
     with warnings.catch_warnings():
@@ -280,6 +289,7 @@ def _hooked(
             tokenizer=tokenizer,
             device=device,
             dtype=dtype,
+            **kwargs,
         )
     model.eval()
     return model
@@ -291,6 +301,7 @@ def _hooked_from_local_config(
     tokenizer: PreTrainedTokenizerBase,
     device: str,
     dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
 ) -> HookedTransformer:
     """Wrap a local model whose architecture TransformerLens reads from ``config.json``.
 
@@ -307,20 +318,22 @@ def _hooked_from_local_config(
     )
     state_dict = tl_loading.get_pretrained_state_dict(path, cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict,
+    processing = dict(
         fold_ln=False,
         center_writing_weights=False,
         center_unembed=False,
         fold_value_biases=False,
         refactor_factored_attn_matrices=False,
     )
+    model.load_and_process_state_dict(
+        state_dict, **(processing | {k: v for k, v in kwargs.items() if k in processing})
+    )
     model.move_model_modules_to_device()
     model.eval()
     return model
 
 
-def _load_from_hub(name: str, device: str, dtype: torch.dtype) -> HookedTransformer:
+def _load_from_hub(name: str, device: str, dtype: torch.dtype, **kwargs: Any) -> HookedTransformer:
     """A TransformerLens model by name from the hub; unknown names and no hub fail at once."""
     try:
         tl_loading.get_official_model_name(name)
@@ -332,7 +345,9 @@ def _load_from_hub(name: str, device: str, dtype: torch.dtype) -> HookedTransfor
         raise ModelLoadError(_load_error(name, "the Hugging Face hub is not reachable"))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TL_DEPRECATION, category=DeprecationWarning)
-        model = HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype)
+        model = HookedTransformer.from_pretrained_no_processing(
+            name, device=device, dtype=dtype, **kwargs
+        )
     model.eval()
     return model
 

@@ -289,3 +289,30 @@ def test_c7_llm_dtype_is_passed_to_the_model_loader(tmp_path, monkeypatch, capsy
     assert cli.main([*argv, "--llm-dtype", "float8", "--force-rerun"]) == 2
     assert "llm_dtype" in one_error_line(capsys)
     assert asked == ["bfloat16"]  # refused before any model load
+
+
+# C8. without --model, the SAEs' own model and its loading kwargs are used (and said)
+def test_c8_model_defaults_to_the_saes_own(tmp_path, monkeypatch, capsys):
+    asked = []
+
+    def load_model(name, device="cpu", dtype="float32", **kwargs):
+        asked.append((name, kwargs))
+        return make_tiny_model()
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(
+        nces_main, "load_tokens", lambda model, config: (make_tokens(12, 1), make_tokens(12, 2))
+    )
+    folders = []
+    for name, model_name in (("a", "tiny-x"), ("b", "tiny-x"), ("c", "tiny-y")):
+        folder = save_standard(tmp_path / name)
+        cfg = json.loads((folder / "cfg.json").read_text())
+        cfg |= {"model_name": model_name, "model_from_pretrained_kwargs": {"fold_ln": False}}
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        folders.append(str(folder))
+    argv = ["run", "--eval", "nces", "--output-dir", str(tmp_path / "out"), *FAST]
+    assert cli.main([*argv, "--sae", *folders[:2]]) == 0
+    assert asked == [("tiny-x", {"fold_ln": False})]
+    assert "model: tiny-x (the SAEs' own model_name" in capsys.readouterr().out
+    assert cli.main([*argv, "--sae", *folders]) == 2
+    assert "trained on different models (tiny-x, tiny-y)" in one_error_line(capsys)

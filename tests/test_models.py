@@ -267,3 +267,28 @@ def test_12_kl_term_matches_full_logits_kl_on_gemma(gemma: HookedTransformer) ->
     for mine, reference in zip(lean_grad, full_grad, strict=True):
         assert reference.norm() > 0
         assert (mine - reference).norm() <= 1e-3 * reference.norm()
+
+
+def test_13_from_pretrained_kwargs_reach_the_loader(tiny_gpt2_folder: Path) -> None:
+    """An SAE's model_from_pretrained_kwargs (gpt2-small-res-jb: center_writing_weights)
+    change the loaded model as TransformerLens would; without them it is unprocessed."""
+    plain = load_model(str(tiny_gpt2_folder))
+    centred = load_model(str(tiny_gpt2_folder), center_writing_weights=True)
+    assert plain.blocks[0].mlp.W_out.mean(-1).abs().max() > 1e-3
+    assert centred.blocks[0].mlp.W_out.mean(-1).abs().max() < 1e-6
+    assert centred.W_E.mean(-1).abs().max() < 1e-6
+
+
+def test_14_an_sae_names_its_model_without_loading_it(tmp_path: Path) -> None:
+    from csae_plugin.loading import sae_model
+
+    assert sae_model("gpt2-small-res-jb:blocks.8.hook_resid_pre") == (
+        "gpt2-small",
+        {"center_writing_weights": True},
+    )
+    assert sae_model("no-such-release:x") == (None, {})
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    cfg = {"model_name": "tiny-x", "model_from_pretrained_kwargs": {"center_unembed": True}}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert sae_model(str(folder)) == ("tiny-x", {"center_unembed": True})
