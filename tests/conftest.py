@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from datasets import Dataset
@@ -80,3 +82,37 @@ def runner_config(sae_cfg, output_path=None, training_tokens: int = 16 * 256, se
         seed=seed,
         **kw,
     )
+
+
+def save_tiny_gpt2(folder: Path) -> Path:
+    """A randomly initialised 2-layer GPT-2 (d_model 32) and a small byte-level BPE tokenizer
+    (bos ``<bos>``), saved as a Hugging Face folder; returns the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(["The capital of Germany is Berlin."] * 10, trainer=trainer)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<bos>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(hf_tokenizer),
+        n_positions=32,
+        n_ctx=32,  # real GPT-2 configs carry it and TransformerLens reads it
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=hf_tokenizer.bos_token_id,
+        eos_token_id=hf_tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    hf_tokenizer.save_pretrained(folder)
+    return folder

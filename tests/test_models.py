@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from conftest import save_tiny_gpt2
 from transformer_lens import HookedTransformer
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2LMHeadModel
 
 from csae_plugin import models as csae_models
 from csae_plugin.models import ModelLoadError, check_hook, hook_layer, load_model
@@ -46,33 +46,7 @@ def gemma() -> Iterator[HookedTransformer]:
 @pytest.fixture(scope="module")
 def tiny_gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer GPT-2 and a small BPE tokenizer, saved as an HF folder."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<bos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(["The capital of Germany is Berlin."] * 10, trainer=trainer)
-    hf_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<bos>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(hf_tokenizer),
-        n_positions=32,
-        n_ctx=32,  # real GPT-2 configs carry it and TransformerLens reads it
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=hf_tokenizer.bos_token_id,
-        eos_token_id=hf_tokenizer.eos_token_id,
-    )
-    folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    hf_tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
 
 
 def test_1_local_folder_loads_without_network_and_matches_hf(
