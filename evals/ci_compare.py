@@ -34,12 +34,16 @@ METRICS = (
 TOLERANCES = {
     "l0": ("relative", 0.10),
     "explained_variance": ("absolute", 0.05),
-    "ce_loss_score": ("absolute", 0.03),
-    "kl_div_score": ("absolute", 0.03),
+    "ce_loss_score": ("absolute", 0.05),
+    "kl_div_score": ("absolute", 0.05),
     "nces_geomean": ("relative", 0.30),
-    "frac_verified": ("absolute", 0.25),
+    "frac_verified": ("absolute", 0.30),
 }
-ADVANTAGE_DROP = 0.25
+"""Run-to-run spread measured on this CPU at the ci settings (training is not bit-reproducible
+here yet): the causal SAE's CE-loss score 0.858 / 0.839 / 0.841 / 0.810 and KL-div score
+0.824 / 0.809 / 0.786 over four runs, its fraction verified (matched null) 0.00 / 0.21 and
+geometric-mean NCES 1.27 / 1.31 over two; TopK's moves less (CE-loss 0.883-0.897)."""
+ADVANTAGE_DROP = 0.30
 """How much causal frac_verified minus TopK frac_verified may fall below the reference's."""
 
 
