@@ -167,7 +167,7 @@ class CausalTrainingSAEConfig(TrainingSAEConfig):
         verify_every: run causal verification every this many steps (term 4); 0 switches it off.
         verify_latents: latents checked per verification (a rotating subset).
         verify_seqs_per_latent: sequences per latent in a verification.
-        verify_null_draws: covariance-matched null draws per sequence in a verification.
+        verify_null_draws: null draws (default null) per sequence in a verification.
         verify_action: what happens to dead / inert latents: ``resample`` (re-initialise them)
             or ``reweight`` (``relu`` only: their L1 weight doubles, verified ones relax to 1).
     """

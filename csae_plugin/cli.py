@@ -44,7 +44,7 @@ PROG = "sae_bench"
 EVALS = {
     "core": "SAEBench core: L0, explained variance, MSE, KL and CE loss scores of the SAE "
     "spliced into the model",
-    "nces": "causal effect of each latent vs covariance-matched random directions "
+    "nces": "causal effect of each latent vs random directions shaped like it "
     "(nces_geomean, frac_verified, per-latent NCES)",
 }
 """Evals ``run`` knows, in the order they run, with one line each for ``list``."""

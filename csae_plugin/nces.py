@@ -9,7 +9,7 @@ Pure array code (numpy, scipy, pandas); the effects come from
   sequence, each of the K + 1 directions (the latent's and the K null ones, which the engine
   shares across a latent's sequences) gets the paired log-ratio of its effect to the mean of
   the other K; ``R_a`` is its mean over sequences. Under the null hypothesis (the latent's
-  direction behaves like a random covariance-matched one) the K + 1 values are exchangeable,
+  direction behaves like one of its random null directions) the K + 1 values are exchangeable,
   so ``R_latent`` is tested against the spread of the K null ``R_k`` with a one-sided
   prediction t-test whose variance is moderated across latents (empirical Bayes, Smyth 2004).
   A test over sequences alone would call every above-average random direction significant.
