@@ -7,14 +7,14 @@ from csae_plugin._compat import patch_datasets_torchvision
 
 patch_datasets_torchvision()
 
-from csae_plugin.causal_sae import (  # noqa: E402
+from csae_plugin.runner import CausalSAETrainingRunner  # noqa: E402
+from csae_plugin.saes import (  # noqa: E402
     CausalSAE,
     CausalSAEConfig,
     CausalTrainingSAE,
     CausalTrainingSAEConfig,
+    register,
 )
-from csae_plugin.registration import register  # noqa: E402
-from csae_plugin.runner import CausalSAETrainingRunner  # noqa: E402
 
 register()
 

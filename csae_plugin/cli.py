@@ -6,60 +6,39 @@ plots from result folders) and ``demo`` (``csae_plugin.demo``). The model is loa
 shared by both evals; finished SAEs are skipped on a rerun unless ``--force-rerun``.
 
 Every failure, an interrupt included, ends as one line ``sae_bench: error: ...`` on stderr and
-exit code 2; result files are written atomically, so none is ever half-written.
+exit code 2; result files are written atomically, so none is ever half-written. This module
+only parses arguments and reports; the work is done by ``csae_plugin.evals.api``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import pandas as pd
-
-import csae_plugin  # noqa: F401  (registers the "causal" architecture with SAELens)
-from csae_plugin import models
 from csae_plugin.evals import (
     RESULTS_SUFFIX,
     EvalInputError,
     add_config_arguments,
     config_from_args,
-    results_path,
-    validate_inputs,
+)
+from csae_plugin.evals.api import (
+    EVALS,
+    SUMMARY_COLUMNS,
+    evaluate_saes,
+    load_results,
+    plot_results,
+    writable_dir,
 )
 from csae_plugin.evals.nces.eval_config import EMBEDDED_DATASET, NCESEvalConfig
 from csae_plugin.models import EMBEDDED_MODEL
 
 if TYPE_CHECKING:
-    import torch
-    from transformer_lens import HookedTransformer
+    import pandas as pd
 
 PROG = "sae_bench"
-
-EVALS = {
-    "core": "SAEBench core: L0, explained variance, MSE, KL and CE loss scores of the SAE "
-    "spliced into the model",
-    "nces": "causal effect of each latent vs random directions shaped like it "
-    "(nces_geomean, frac_verified, per-latent NCES)",
-}
-"""Evals ``run`` knows, in the order they run, with one line each for ``list``."""
-
-SUMMARY_COLUMNS = (
-    "l0",
-    "explained_variance",
-    "kl_div_score",
-    "ce_loss_score",
-    "nces_geomean",
-    "frac_verified",
-    "mean_effect_kl",
-    "frac_dead",
-)
-"""Key metrics shown after ``run`` and first in ``compare``'s table."""
 
 
 class _UsageError(EvalInputError):
@@ -181,297 +160,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def evaluate_saes(
-    evals: Sequence[str],
-    sae_specs: Sequence[str],
-    *,
-    model: HookedTransformer | None = None,
-    model_name: str | None = None,
-    dataset: str | None = None,
-    eval_tokens: torch.Tensor | None = None,
-    reference_tokens: torch.Tensor | None = None,
-    output_dir: str | Path = "eval_results",
-    device: str = "cpu",
-    force_rerun: bool = False,
-    nces_config: NCESEvalConfig | None = None,
-    nces_overrides: dict[str, Any] | None = None,
-    progress: bool = True,
-    model_kwargs: dict[str, Any] | None = None,
-) -> pd.DataFrame:
-    """Run ``evals`` on each SAE of ``sae_specs``; return the summary table of their results.
-
-    Cheap checks (eval names, output folder, SAEs) come first; the model (``model``, else
-    ``models.load_model(model_name)``) and the tokens (``eval_tokens``/``reference_tokens``,
-    else the held-out and training splits of ``dataset``) are loaded once, only if some
-    result is missing, and every SAE is checked against them before any eval starts.
-    ``model_kwargs`` go to the model loader (the SAEs' ``model_from_pretrained_kwargs``).
-    """
-    from csae_plugin.evals.nces import main as nces_main
-    from csae_plugin.loading import load_sae
-
-    names = check_evals(evals)
-    if nces_config is None:
-        name = model_name or (model.cfg.model_name if model is not None else EMBEDDED_MODEL)
-        nces_config = NCESEvalConfig(
-            model_name=name, dataset=dataset or EMBEDDED_DATASET, **(nces_overrides or {})
-        )
-    out = writable_dir(output_dir)
-    saes = [load_sae(spec, device=device) for spec in sae_specs]
-    _check_unique([(release, sae_id) for _, release, sae_id in saes])
-    pending = []
-    for sae, release, sae_id in saes:
-        todo = [e for e in names if force_rerun or not _done(out, e, release, sae_id)]
-        for skipped in (e for e in names if e not in todo):
-            _say(f"[{skipped}] {sae_name(release, sae_id)}: result exists, skipped", progress)
-        if todo:
-            pending.append((sae, release, sae_id, todo))
-    if pending:
-        if model is None:
-            _say(f"loading model {nces_config.model_name} on {device}", progress)
-            model = models.load_model(
-                nces_config.model_name,
-                device=device,
-                dtype=nces_config.llm_dtype,
-                **(model_kwargs or {}),
-            )
-        if eval_tokens is None or reference_tokens is None:
-            loaded_eval, loaded_reference = nces_main.load_tokens(model, nces_config)
-            eval_tokens = loaded_eval if eval_tokens is None else eval_tokens
-            reference_tokens = loaded_reference if reference_tokens is None else reference_tokens
-        for sae, *_ in pending:
-            validate_inputs(model, sae, eval_tokens, reference_tokens)
-        # the result files record the tokens actually used, not the config's defaults
-        nces_config = dataclasses.replace(
-            nces_config,
-            context_size=int(eval_tokens.shape[1]),
-            n_eval_sequences=int(eval_tokens.shape[0]),
-            n_reference_sequences=int(reference_tokens.shape[0]),
-        )
-    for sae, release, sae_id, todo in pending:
-        for name in todo:
-            _say(f"[{name}] {sae_name(release, sae_id)}", progress)
-            _run_one(
-                name,
-                nces_config,
-                model,
-                sae,
-                release,
-                sae_id,
-                out,
-                eval_tokens,
-                reference_tokens,
-                progress,
-            )
-    table = load_results([out])
-    wanted = [sae_name(release, sae_id) for _, release, sae_id in saes]
-    table = table.loc[[name for name in wanted if name in table.index]]
-    return table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
-
-
-def _run_one(
-    eval_name: str,
-    config: NCESEvalConfig,
-    model: HookedTransformer,
-    sae: Any,
-    release: str,
-    sae_id: str,
-    out: Path,
-    eval_tokens: torch.Tensor,
-    reference_tokens: torch.Tensor,
-    progress: bool,
-) -> None:
-    """One eval on one SAE, its result written under ``out/<eval>/``."""
-    if eval_name == "nces":
-        from csae_plugin.evals.nces.main import evaluate_and_save
-
-        evaluate_and_save(
-            config,
-            model,
-            sae,
-            release,
-            sae_id,
-            out / "nces",
-            eval_tokens,
-            reference_tokens,
-            force_rerun=True,
-            progress=progress,
-        )
-    else:
-        from csae_plugin.evals.core import core_config, run_core
-
-        core_cfg = core_config(
-            config.model_name,
-            config.dataset,
-            eval_tokens.shape[1],
-            eval_tokens.shape[0],
-            batch_size_prompts=config.llm_batch_size,
-        )
-        run_core(
-            model,
-            sae,
-            eval_tokens,
-            release=release,
-            sae_id=sae_id,
-            output_path=out / "core",
-            config=core_cfg,
-            force_rerun=True,
-            progress=progress,
-        )
-
-
-def check_evals(evals: Sequence[str] | str) -> list[str]:
-    """Eval names from a list or a comma-separated string, in ``EVALS`` order; unknown -> error."""
-    items = [evals] if isinstance(evals, str) else list(evals)
-    names = {part.strip() for item in items for part in item.split(",") if part.strip()}
-    unknown = sorted(names - set(EVALS))
-    if unknown or not names:
-        raise EvalInputError(
-            f"unknown eval {unknown[0] if unknown else ''!r}; choose from {', '.join(EVALS)}"
-        )
-    return [name for name in EVALS if name in names]
-
-
-def writable_dir(path: str | Path) -> Path:
-    """``path`` created if needed and checked writable (one-line error otherwise)."""
-    folder = Path(path).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise EvalInputError(
-            f"output folder {str(folder)!r} can't be written ({err.strerror or err}); "
-            "pass --output-dir with a writable path"
-        ) from err
-    return folder
-
-
-def sae_name(release: str, sae_id: str) -> str:
-    """How an SAE is named in tables: its folder name if local, else ``release/sae_id``."""
-    return sae_id if release == "local" else f"{release}/{sae_id}"
-
-
-def load_results(dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """All result files under ``dirs``: one row per SAE, one column per flat metric.
-
-    Rows are named by :func:`sae_name` (prefixed by the folder's name when the same SAE is
-    found under several folders); key metrics (:data:`SUMMARY_COLUMNS`) come first. NCES
-    metrics are the headline null's; each null run also gives ``<metric>_<null>`` columns.
-    """
-    rows: dict[str, dict[str, Any]] = {}
-    for label, result in _results(dirs):
-        row = rows.setdefault(label, {})
-        for category, metrics in result.get("eval_result_metrics", {}).items():
-            null = category.removeprefix("nces_") if category.startswith("nces_") else None
-            if null is not None and metrics.get("null") is None:
-                continue  # a null that was not run
-            suffix = "" if null is None else f"_{null}"
-            row.update(
-                {
-                    f"{k}{suffix}": v
-                    for k, v in metrics.items()
-                    if v is None or isinstance(v, (int, float, str))
-                }
-            )
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index.name = "sae"
-    first = [c for c in SUMMARY_COLUMNS if c in table.columns]
-    return table[first + [c for c in table.columns if c not in first]]
-
-
-def plot_results(
-    table: pd.DataFrame, plots_dir: str | Path, eval_dirs: Sequence[str | Path]
-) -> list[Path]:
-    """Write ``nces_hist.png`` (per-latent NCES of each SAE, from the nces details under
-    ``eval_dirs``) and ``l0_vs_ce_loss_score.png`` (coloured by nces_geomean); return paths."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    folder = writable_dir(plots_dir)
-    written = []
-    details = {
-        label: [d.get("nces") for d in result.get("eval_result_details") or []]
-        for label, result in _results(eval_dirs)
-        if result.get("eval_type_id") == "nces"
-    }
-    if details:
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
-        ax = fig.subplots()
-        logs = {}
-        for label, values in details.items():
-            nces = np.array([v for v in values if v is not None], dtype=float)
-            logs[label] = np.log10(nces[np.isfinite(nces) & (nces > 0)])
-        pooled = np.concatenate([*logs.values(), [0.0]])
-        n_bins = int(np.clip(np.sqrt(len(pooled)), 8, 30))  # shared bins, few when few latents
-        bins = np.linspace(pooled.min() - 0.05, pooled.max() + 0.05, n_bins + 1)
-        for label, values in logs.items():
-            if len(values):
-                ax.hist(values, bins=bins, histtype="step", linewidth=1.5, label=label)
-        ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
-        ax.set_xlabel("log10 NCES per latent (0 = a random direction's effect)")
-        ax.set_ylabel("latents")
-        ax.yaxis.get_major_locator().set_params(integer=True)
-        ax.set_title("NCES of each evaluated latent")
-        ax.legend(fontsize="small")
-        written.append(folder / "nces_hist.png")
-        fig.savefig(written[-1], dpi=120)
-    if {"l0", "ce_loss_score"} <= set(table.columns):
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
-        ax = fig.subplots()
-        colour = (
-            table["nces_geomean"] if "nces_geomean" in table else pd.Series(np.nan, table.index)
-        )
-        points = ax.scatter(
-            table["l0"],
-            table["ce_loss_score"],
-            c=colour.astype(float),
-            cmap="viridis",
-            s=60,
-            edgecolors="black",
-            plotnonfinite=True,
-        )
-        for name, row in table.iterrows():
-            ax.annotate(
-                str(name),
-                (row["l0"], row["ce_loss_score"]),
-                fontsize="small",
-                xytext=(4, 4),
-                textcoords="offset points",
-            )
-        fig.colorbar(points, ax=ax, label="nces_geomean")
-        ax.set_xlabel("L0 (core)")
-        ax.set_ylabel("ce_loss_score (core)")
-        ax.set_title("Sparsity vs faithfulness, coloured by causal verification")
-        written.append(folder / "l0_vs_ce_loss_score.png")
-        fig.savefig(written[-1], dpi=120)
-    return written
-
-
-def _results(dirs: Sequence[str | Path]) -> list[tuple[str, dict[str, Any]]]:
-    """(row label, parsed result) for every result file under ``dirs``."""
-    found = []
-    for folder in map(Path, dirs):
-        if not folder.is_dir():
-            raise EvalInputError(f"results folder {str(folder)!r} does not exist")
-        for path in sorted(folder.rglob(f"*{RESULTS_SUFFIX}")):
-            try:
-                result = json.loads(path.read_text())
-                name = sae_name(result["sae_lens_release_id"], result["sae_lens_id"])
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-                raise EvalInputError(
-                    f"result file {str(path)!r} is corrupt ({type(err).__name__}); delete it "
-                    "and rerun with --force-rerun"
-                ) from err
-            found.append((folder, name, result))
-    folders_per_name: dict[str, set[Path]] = {}
-    for folder, name, _ in found:
-        folders_per_name.setdefault(name, set()).add(folder)
-    return [
-        (name if len(folders_per_name[name]) == 1 else f"{folder.name}:{name}", result)
-        for folder, name, result in found
-    ]
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from csae_plugin.loading import sae_model
 
@@ -550,27 +238,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _format(table: pd.DataFrame) -> str:
     return table.to_string(float_format=lambda v: f"{v:.4g}", na_rep="-")
-
-
-def _done(out: Path, eval_name: str, release: str, sae_id: str) -> bool:
-    return results_path(out / eval_name, release, sae_id).exists()
-
-
-def _check_unique(names: list[tuple[str, str]]) -> None:
-    seen = set()
-    for release, sae_id in names:
-        file_name = results_path(".", release, sae_id).name
-        if file_name in seen:
-            raise EvalInputError(
-                f"two SAEs would share the result file {file_name!r}; give their folders "
-                "different names"
-            )
-        seen.add(file_name)
-
-
-def _say(message: str, progress: bool) -> None:
-    if progress:
-        print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
 
 
 def _one_line(err: BaseException) -> str:

@@ -15,21 +15,17 @@ from pathlib import Path
 
 import torch
 
+from csae_plugin.evals.api import (
+    SUMMARY_COLUMNS,
+    evaluate_saes,
+    load_results,
+    plot_results,
+    writable_dir,
+)
 from csae_plugin.models import EMBEDDED_MODEL, check_hook, load_model
 from csae_plugin.training import TrainSpec, train_sae
 
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
-
-SUMMARY_COLUMNS = (
-    "l0",
-    "explained_variance",
-    "kl_div_score",
-    "ce_loss_score",
-    "nces_geomean",
-    "frac_verified",
-    "mean_effect_kl",
-    "frac_dead",
-)
 
 
 def arg_parser() -> argparse.ArgumentParser:
@@ -63,22 +59,6 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser
-
-
-def writable_dir(path: str) -> Path:
-    """``path`` created if needed and checked writable (one-line error otherwise)."""
-    folder = Path(path).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(
-            f"output folder {str(folder)!r} can't be written ({err.strerror}); "
-            "pass --output-dir with a writable path"
-        ) from err
-    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         train_seconds[spec.name] = time.perf_counter() - t0
         folders.append(folder)
-
-    from csae_plugin.cli import evaluate_saes, load_results, plot_results
 
     nces = {
         "latents": args.latents,

@@ -8,15 +8,15 @@ the same positions along random directions (:data:`NULLS`): by default ones with
 own energy in each principal direction of the activations, randomised within.
 
 Many intervened copies (latents x sequences x {real, K null}) run at once through only the tail
-of the model after the hook, and the KL is reduced one chunk of positions at a time, so peak
-memory depends on ``batch_size`` and the vocabulary, never on the number of latents.
+of the model after the hook (:mod:`csae_plugin.causal.tail`), and the KL is reduced one chunk
+of positions at a time, so peak memory depends on ``batch_size`` and the vocabulary, never on
+the number of latents.
 :func:`naive_latent_effect` is the slow reference (one full hooked forward per variant) the
 engine is tested against number for number.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -25,8 +25,17 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
-from transformer_lens.utilities.tokenize_utils import get_attention_mask
+
+from csae_plugin.causal.tail import (
+    HookPlan,
+    capture,
+    encode,
+    log_probs,
+    mean_kl,
+    padding_masks,
+    plan_for_sae,
+    run_tail,
+)
 
 INTERVENTIONS = ("zero", "mean", "resample", "steer")
 """Ways to change one latent: to 0, to its reference mean, to a reference value, or add to it."""
@@ -47,7 +56,6 @@ CLEAN_CACHE_BYTES = 512 * 2**20
 ROW_CHUNK_BYTES = 256 * 2**20
 """Budget for one chunk of intervened logits [rows, d_vocab] (bounds rows per unembedding)."""
 
-_KL_SUBCHUNK_ROWS = 8  # rows per elementwise KL step: small enough to stay in CPU cache
 _RUNTIME_NORMS = ("layer_norm", "constant_norm_rescale")
 
 
@@ -128,25 +136,10 @@ class LatentEffects:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Where the tail starts for the SAE's hook.
-
-    ``kind`` is ``"resid"`` (x is the residual entering block ``start``), ``"block"`` (x is
-    inside block ``start``: rerun it from its resid_pre with x replaced) or ``"full"`` (hook
-    outside the blocks: a full hooked forward of the copies).
-    """
-
-    hook_name: str
-    kind: str
-    start: int
-    act_shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class _Setup:
     model: HookedTransformer
     sae: SAE
-    plan: _Plan
+    plan: HookPlan
     tokens: torch.Tensor
     valid: torch.Tensor  # [n_seq, T] bool: may be intervened and scored (not BOS, not padding)
     attention_mask: torch.Tensor | None  # what TransformerLens would use for these tokens
@@ -189,7 +182,7 @@ def reference_stats(
     for start in tqdm(starts, desc="reference stats", disable=not progress):
         rows = torch.arange(start, min(start + batch_size, n_seq))
         x, _ = _capture(setup, rows)
-        f = _encode(sae, x, setup.plan)
+        f = encode(sae, x).float()
         valid = setup.valid[rows].to(x.device)
         fv = f[valid].double().cpu()
         xv = x[valid].double().cpu()
@@ -437,11 +430,6 @@ def _setup(
     model: HookedTransformer, sae: SAE, tokens: torch.Tensor, bos_token_id: int | None
 ) -> _Setup:
     """Validate the inputs (one-line ValueErrors) and work out masks and the tail plan."""
-    hook_name = sae.cfg.metadata.hook_name
-    if hook_name is None:
-        raise ValueError(
-            "sae.cfg.metadata.hook_name is not set; set it to the model hook the SAE reads"
-        )
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.numel() == 0:
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"no tokens: expected a non-empty [n_seq, context] tensor, got {shape}")
@@ -450,58 +438,16 @@ def _setup(
             f"SAE normalize_activations={sae.cfg.normalize_activations!r} makes decode depend on "
             "each token's norm, so a latent has no fixed decoder direction; fold it or use 'none'"
         )
-    plan = _plan(model, hook_name, sae.cfg.d_in)
+    plan = plan_for_sae(model, sae)
     tokens = tokens.to(model.cfg.device)
-    tokenizer = model.tokenizer
     bos = bos_token_id
-    if bos is None and tokenizer is not None:
-        bos = tokenizer.bos_token_id
-    not_pad = torch.ones_like(tokens, dtype=torch.bool)
-    attention_mask = None
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
-        mask = get_attention_mask(tokenizer, tokens, model.cfg.default_prepend_bos)
-        not_pad = mask.bool()
-        if tokenizer.padding_side == "left":  # as HookedTransformer.input_to_embed does
-            attention_mask = mask
+    if bos is None and model.tokenizer is not None:
+        bos = model.tokenizer.bos_token_id
+    not_pad, attention_mask = padding_masks(model, tokens)
     valid = not_pad.clone()
     if bos is not None:
         valid[:, 0] &= tokens[:, 0] != bos
     return _Setup(model, sae, plan, tokens, valid, attention_mask)
-
-
-def _plan(model: HookedTransformer, hook_name: str, d_in: int) -> _Plan:
-    """The tail plan for ``hook_name``, after checking it exists and has width ``d_in``.
-
-    The width comes from a 2-token forward that stops after the hook's block (no unembedding).
-    """
-    if hook_name not in model.hook_dict:
-        layers = model.cfg.n_layers
-        raise ValueError(
-            f"hook {hook_name!r} is not in the model ({layers} layers, blocks.0-{layers - 1}); "
-            f"use a name from model.hook_dict, e.g. 'blocks.{layers // 2}.hook_resid_post'"
-        )
-    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook_name)
-    if match is None:
-        kind, start = "full", 0
-    elif match.group(2) in ("hook_resid_pre", "hook_resid_post"):
-        kind, start = "resid", int(match.group(1)) + (match.group(2) == "hook_resid_post")
-    else:
-        kind, start = "block", int(match.group(1))
-    seen: list[tuple[int, ...]] = []
-    with torch.no_grad():
-        model.run_with_hooks(
-            torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device),
-            return_type=None,
-            stop_at_layer=None if match is None else int(match.group(1)) + 1,
-            fwd_hooks=[(hook_name, lambda act, hook: seen.append(tuple(act.shape[2:])))],
-        )
-    width = int(np.prod(seen[0]))
-    if width != d_in:
-        raise ValueError(
-            f"SAE d_in={d_in} does not match the model's activation size {width} at "
-            f"{hook_name!r}; use an SAE trained on this model and hook, or set d_in to match"
-        )
-    return _Plan(hook_name, kind, start, seen[0])
 
 
 def _check_null(null: str) -> None:
@@ -537,120 +483,16 @@ def _check_latents(latents: Sequence[int] | torch.Tensor | np.ndarray, d_sae: in
     return ids
 
 
-def _encode(sae: SAE, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """f(x) [..., d_sae] for flattened activations x [..., d_in]."""
-    if getattr(sae, "hook_z_reshaping_mode", False):
-        x = x.reshape(*x.shape[:-1], *plan.act_shape)
-    f = sae.encode(x.to(sae.dtype))
-    return (f.to_dense() if f.is_sparse else f).float()
-
-
 def _capture(setup: _Setup, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean x at the hook [b, T, d_in] and the tail's input for token ``rows``."""
-    model, plan = setup.model, setup.plan
-    tokens = setup.tokens[rows]
-    if plan.kind == "resid":
-        resid = model(tokens, stop_at_layer=plan.start)
-        x = resid
-    else:
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(act: torch.Tensor, hook: object) -> None:
-            seen[hook.name] = act  # type: ignore[attr-defined]
-
-        names = [plan.hook_name]
-        if plan.kind == "block":
-            names.append(f"blocks.{plan.start}.hook_resid_pre")
-        stop = plan.start + 1 if plan.kind == "block" else None
-        model.run_with_hooks(
-            tokens,
-            return_type=None,
-            stop_at_layer=stop,
-            fwd_hooks=[(name, grab) for name in names],
-        )
-        x = seen[plan.hook_name]
-        resid = seen[names[-1]] if plan.kind == "block" else tokens
-    x = x.reshape(*x.shape[:2], -1)
+    """Clean x at the hook [b, T, d_in] and the tail's input for token ``rows``, checked finite."""
+    mask = None if setup.attention_mask is None else setup.attention_mask[rows]
+    x, start_input = capture(setup.model, setup.plan, setup.tokens[rows], mask)
     if not torch.isfinite(x).all():
         raise ValueError(
-            f"model produced NaN activations at {plan.hook_name} (token rows "
+            f"model produced NaN activations at {setup.plan.hook_name} (token rows "
             f"{int(rows[0])}-{int(rows[-1])}); check the model's weights and dtype"
         )
-    return x, resid
-
-
-def _tail(
-    setup: _Setup,
-    start_input: torch.Tensor,
-    spliced: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """Final normalised residual [C, T, d_model] with x replaced by ``spliced`` [C, T, d_in]."""
-    model, plan = setup.model, setup.plan
-    n_layers = model.cfg.n_layers
-    spliced = spliced.to(model.cfg.dtype)
-    if plan.kind == "resid":
-        resid = model(
-            spliced,
-            start_at_layer=plan.start,
-            stop_at_layer=n_layers,
-            attention_mask=attention_mask,
-        )
-        return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-
-    def replace(act: torch.Tensor, hook: object) -> torch.Tensor:
-        return spliced.reshape(act.shape)
-
-    with model.hooks(fwd_hooks=[(plan.hook_name, replace)]):
-        if plan.kind == "block":
-            resid = model(
-                start_input,
-                start_at_layer=plan.start,
-                stop_at_layer=n_layers,
-                attention_mask=attention_mask,
-            )
-        else:
-            resid = model(start_input, stop_at_layer=n_layers)
-        return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-
-
-def _logits(model: HookedTransformer, h: torch.Tensor) -> torch.Tensor:
-    """Logits [rows, d_vocab] of final normalised residual rows [rows, d_model], in float32.
-
-    ``h @ W_U + b_U`` directly: TransformerLens's Unembed copies ``W_U.T`` on every call
-    (671 MB for Gemma 3), which would cost more than the product itself here.
-    """
-    unembed = model.unembed
-    logits = torch.addmm(unembed.b_U, h, unembed.W_U)
-    return apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
-
-
-def kl_rows(
-    clean_logits: torch.Tensor, logits: torch.Tensor, clean_index: torch.Tensor | None = None
-) -> torch.Tensor:
-    """KL(p || q) per row in nats from logits of p (clean) and q [rows, V], accurate at ~1e-12.
-
-    ``clean_logits`` may equally be log-probabilities (logits shifted per row): the result
-    does not change, and their log-sum-exp is then ~0.
-
-    With dz = z_p - z_q centred by its p-mean (r = dz - E_p[dz]), KL = log E_p[exp(-r)]
-    = log1p(E_p[phi(r)]), where phi(r) = r + expm1(-r) >= 0. Every term is non-negative,
-    so float32 arithmetic keeps its relative precision even for KL ~ 1e-9, where the usual
-    sum p (log p - log q) in float32 has absolute noise ~1e-6 on a large vocabulary.
-    The tiny negative results rounding can give are clamped to 0 (KL >= 0 exactly).
-    ``clean_index`` picks the clean row for each row of ``logits`` (default: the same row).
-    """
-    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for i in range(0, logits.shape[0], _KL_SUBCHUNK_ROWS):
-        rows = slice(i, i + _KL_SUBCHUNK_ROWS)
-        zp = clean_logits[rows] if clean_index is None else clean_logits[clean_index[rows]]
-        zq = logits[rows]
-        p = torch.sub(zp, torch.logsumexp(zp, dim=-1, keepdim=True)).exp_()
-        dz = torch.sub(zp, zq)
-        dz.sub_(torch.linalg.vecdot(p, dz).unsqueeze(-1)).neg_()  # -r
-        phi = torch.expm1(dz).sub_(dz)
-        out[rows] = torch.log1p(torch.linalg.vecdot(p, phi))
-    return out.clamp_(min=0.0)
+    return x, start_input
 
 
 def _select_sequences(
@@ -663,7 +505,7 @@ def _select_sequences(
     for start in range(0, n_seq, batch_size):
         rows = torch.arange(start, min(start + batch_size, n_seq))
         x, _ = _capture(setup, rows)
-        f = _encode(setup.sae, x, setup.plan)
+        f = encode(setup.sae, x).float()
         valid = setup.valid[rows].to(f.device)
         fires = ((f > 0) & valid[..., None]).any(dim=1)[:, latents.to(f.device)].cpu().numpy()
         for b, row in enumerate(rows.tolist()):
@@ -739,7 +581,7 @@ class _CleanBlock:
         intervention: str,
     ) -> _CleanBlock:
         x, start_input = _capture(setup, rows)
-        f = _encode(setup.sae, x, setup.plan)
+        f = encode(setup.sae, x).float()
         valid = setup.valid[rows].to(x.device)
         mask = None if setup.attention_mask is None else setup.attention_mask[rows]
         b, n_ctx, _ = x.shape
@@ -749,13 +591,10 @@ class _CleanBlock:
             if hit.any():
                 first[r] = hit.nonzero()[0, 0]
         kept = valid & (torch.arange(n_ctx, device=x.device)[None, :] >= first[:, None])
-        h = _tail(setup, start_input, x, mask)[kept]
+        h = run_tail(setup.model, setup.plan, start_input, x, mask)[kept]
         index = torch.full((b, n_ctx), -1, dtype=torch.long, device=x.device)
         index[kept] = torch.arange(h.shape[0], device=x.device)
-        logprobs = torch.empty(h.shape[0], setup.model.cfg.d_vocab, device=x.device)
-        step = _row_chunk(setup)
-        for r in range(0, h.shape[0], step):
-            logprobs[r : r + step] = _logits(setup.model, h[r : r + step]).log_softmax(-1)
+        logprobs = log_probs(setup.model, h, _row_chunk(setup))
         return cls(rows, x, start_input, f, valid, mask, logprobs, index)
 
 
@@ -782,10 +621,10 @@ def _run_pairs(
         delta = coeff[:, :, None] * dirs[:, None, :]
         spliced = clean.x[rows] + delta
         mask = None if clean.attention_mask is None else clean.attention_mask[rows]
-        h = _tail(setup, clean.start_input[rows], spliced, mask)
+        h = run_tail(setup.model, setup.plan, clean.start_input[rows], spliced, mask)
         positions = torch.arange(h.shape[1], device=h.device)
         scored = clean.valid[rows] & (positions[None, :] >= t0[:, None])
-        kl = _mean_kl(setup, clean, rows, h, scored)
+        kl = mean_kl(setup.model, clean.logprobs, clean.index[rows], h, scored, _row_chunk(setup))
         kl[(delta == 0).flatten(1).all(1).cpu()] = 0.0  # nothing changed: the clean forward
         for (p, v), value in zip(batch, kl.tolist(), strict=True):
             li, j, _ = pairs[p]
@@ -860,22 +699,3 @@ def _coefficients(
     else:
         target = f_i + effects.alpha * float(stats.max_act[latent])
     return torch.where(positions, target - f_i, 0.0), positions
-
-
-def _mean_kl(
-    setup: _Setup,
-    clean: _CleanBlock,
-    rows: torch.Tensor,
-    h: torch.Tensor,
-    scored: torch.Tensor,
-) -> torch.Tensor:
-    """Mean over each copy's scored positions of KL(p_clean || p_copy) [C], chunked by rows."""
-    copy_idx, pos_idx = scored.nonzero(as_tuple=True)
-    total = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
-    step = _row_chunk(setup)
-    for r in range(0, len(copy_idx), step):
-        c, t = copy_idx[r : r + step], pos_idx[r : r + step]
-        logits = _logits(setup.model, h[c, t])
-        kl = kl_rows(clean.logprobs, logits, clean_index=clean.index[rows[c], t])
-        total.index_add_(0, c, kl.double())
-    return (total / scored.sum(1).clamp(min=1)).cpu()

@@ -16,7 +16,6 @@ the offline alternatives.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from csae_plugin.causal.tail import block_hook_name, split_hook_name
 
 EMBEDDED_MODEL = "gemma-3-270m"
 """Name of the model that ships with the package dependencies (no hub needed)."""
@@ -139,13 +140,13 @@ def hub_usable() -> bool:
 def hook_layer(model: HookedTransformer, hook_name: str) -> int:
     """The block index a hook sits in (``blocks.6.hook_resid_post`` -> 6), after checking it."""
     check_hook(model, hook_name)
-    match = re.match(r"blocks\.(\d+)\.", hook_name)
-    if match is None:
+    layer, _ = split_hook_name(hook_name)
+    if layer is None:
         raise ValueError(
             f"hook {hook_name!r} is outside the transformer blocks of model "
             f"{model.cfg.model_name}; pick e.g. {_suggested_hook(model, hook_name)}"
         )
-    return int(match.group(1))
+    return layer
 
 
 def check_hook(model: HookedTransformer, hook_name: str) -> None:
@@ -163,9 +164,8 @@ def check_hook(model: HookedTransformer, hook_name: str) -> None:
 def _suggested_hook(model: HookedTransformer, hook_name: str) -> str:
     """The same kind of hook at a layer a third of the way in (resid_post if unknown)."""
     layer = model.cfg.n_layers // 3
-    suffix = re.sub(r"^blocks\.\d+\.", "", hook_name)
-    candidate = f"blocks.{layer}.{suffix}"
-    return candidate if candidate in model.hook_dict else f"blocks.{layer}.hook_resid_post"
+    candidate = block_hook_name(layer, split_hook_name(hook_name)[1])
+    return candidate if candidate in model.hook_dict else block_hook_name(layer, "hook_resid_post")
 
 
 def _build_embedded_cache(folder: Path) -> None:

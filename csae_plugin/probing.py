@@ -34,10 +34,17 @@ from sae_lens import SAE
 from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
 from transformers import PreTrainedTokenizerBase
 
-from csae_plugin.checks import check_model_matches_sae
+from csae_plugin.causal.tail import (
+    HookPlan,
+    capture,
+    encode,
+    logits,
+    padding_masks,
+    plan_for_sae,
+    run_tail,
+)
 
 SENTENCE_END = (".", "!", "?")
 """Characters that end a sentence (a token whose text, trailing spaces removed, ends in one)."""
@@ -193,7 +200,7 @@ def probe_stats(
     progress: bool = False,
 ) -> ProbeStats:
     """Stream ``tokens`` [n, T] through the model and SAE once and score every latent."""
-    hook = _hook_name(model, sae)
+    plan = plan_for_sae(model, sae)
     bos = _bos(model, bos_token_id)
     d_sae, n_c = sae.cfg.d_sae, len(concepts)
     pos_sum = np.zeros((n_c, d_sae))
@@ -206,7 +213,8 @@ def probe_stats(
     with torch.no_grad():
         for batch in tqdm(tokens.split(batch_size), desc="probe", disable=not progress):
             batch = batch.to(model.cfg.device)
-            f, _ = _encode(model, sae, hook, batch)
+            x, _ = capture(model, plan, batch, padding_masks(model, batch)[1])
+            f = encode(sae, x)
             valid = _not_bos(batch, bos)
             fires += (f[valid] > 0).sum(0).double().cpu().numpy()
             n_valid += int(valid.sum())
@@ -290,7 +298,7 @@ def ablation_drops(
     at every non-BOS position and the SAE error kept; NaN for rows without positives. Rows
     are cut after their last positive position (later tokens cannot change it).
     """
-    hook = _hook_name(model, sae)
+    plan = plan_for_sae(model, sae)
     bos = _bos(model, bos_token_id)
     positive = concept_positions(tokens, concept, bos).cpu()
     ids = torch.tensor(
@@ -307,7 +315,7 @@ def ablation_drops(
             length = int(positive[group].nonzero()[:, 1].max()) + 1
             batch = tokens[group, :length].to(model.cfg.device)
             pos = positive[group, :length].to(model.cfg.device)
-            mass = _ablated_log_mass(model, sae, hook, batch, pos, latent_sets, ids, bos)
+            mass = _ablated_log_mass(model, sae, plan, batch, pos, latent_sets, ids, bos)
             counts = pos.sum(1).cpu()
             for k in range(1, n_var):
                 diff = torch.zeros(len(group), dtype=torch.float64)
@@ -632,16 +640,6 @@ def _cohens_d(
     return np.where((n1 > 0) & (n0 > 0), d, np.nan)
 
 
-def _hook_name(model: HookedTransformer, sae: SAE) -> str:
-    hook = sae.cfg.metadata.hook_name
-    if hook is None:
-        raise ValueError(
-            "sae.cfg.metadata.hook_name is not set; set it to the model hook the SAE reads"
-        )
-    check_model_matches_sae(model, hook, sae.cfg.d_in)
-    return hook
-
-
 def _bos(model: HookedTransformer, bos_token_id: int | None) -> int | None:
     if bos_token_id is not None or model.tokenizer is None:
         return bos_token_id
@@ -652,42 +650,10 @@ def _not_bos(tokens: torch.Tensor, bos: int | None) -> torch.Tensor:
     return torch.ones_like(tokens, dtype=torch.bool) if bos is None else tokens != bos
 
 
-def _resid_start(hook: str) -> int | None:
-    """The block a residual-stream hook feeds (so the tail can start there), else None."""
-    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
-    if match is None:
-        return None
-    return int(match.group(1)) + (match.group(2) == "post")
-
-
-def _encode(
-    model: HookedTransformer, sae: SAE, hook: str, tokens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents f [b, T, d_sae] (the SAE's dtype) and the clean activation x the SAE read."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(act: torch.Tensor, hook: object) -> None:
-        seen["x"] = act
-
-    layer = re.match(r"blocks\.(\d+)\.", hook)
-    model.run_with_hooks(
-        tokens,
-        return_type=None,
-        stop_at_layer=None if layer is None else int(layer.group(1)) + 1,
-        fwd_hooks=[(hook, grab)],
-    )
-    x = seen["x"]
-    if not getattr(sae, "hook_z_reshaping_mode", False):
-        x = x.reshape(*tokens.shape, -1)
-    f = sae.encode(x.to(sae.dtype))
-    f = f.to_dense() if f.is_sparse else f
-    return f.reshape(*tokens.shape, -1), x
-
-
 def _ablated_log_mass(
     model: HookedTransformer,
     sae: SAE,
-    hook: str,
+    plan: HookPlan,
     tokens: torch.Tensor,
     positive: torch.Tensor,
     latent_sets: Sequence[np.ndarray],
@@ -695,7 +661,9 @@ def _ablated_log_mass(
     bos: int | None,
 ) -> torch.Tensor:
     """log p(concept) at the positive positions [1 + sets, n_positive]; row 0 is clean."""
-    f, x = _encode(model, sae, hook, tokens)
+    _, mask = padding_masks(model, tokens)
+    x, start_input = capture(model, plan, tokens, mask)
+    f = encode(sae, x)
     rec = sae.decode(f)
     valid = _not_bos(tokens, bos)
     spliced = [x]
@@ -705,30 +673,11 @@ def _ablated_log_mass(
         f_new[..., index] = torch.where(valid[..., None], 0.0, f_new[..., index])
         delta = (sae.decode(f_new) - rec).reshape(x.shape)
         spliced.append(x + delta.to(x.dtype))
-    copies = torch.cat(spliced)
-    resid = _tail(model, hook, tokens.repeat(len(spliced), 1), copies)
-    h = resid[positive.repeat(len(spliced), 1)]
-    if model.cfg.normalization_type is not None:
-        h = model.ln_final(h[:, None, :])[:, 0]
-    logits = torch.addmm(model.unembed.b_U, h, model.unembed.W_U)
-    logits = apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
-    mass = logits[:, ids].logsumexp(-1) - logits.logsumexp(-1)
-    return mass.reshape(len(spliced), -1)
-
-
-def _tail(
-    model: HookedTransformer, hook: str, tokens: torch.Tensor, spliced: torch.Tensor
-) -> torch.Tensor:
-    """Final residual (before ``ln_final``) with the activation at ``hook`` set to ``spliced``."""
-    n_layers = model.cfg.n_layers
-    start = _resid_start(hook)
-    if start is not None:
-        if start >= n_layers:
-            return spliced
-        return model(spliced, start_at_layer=start, stop_at_layer=n_layers)
-
-    def replace(act: torch.Tensor, hook: object) -> torch.Tensor:
-        return spliced.reshape(act.shape).to(act.dtype)
-
-    with model.hooks(fwd_hooks=[(hook, replace)]):
-        return model(tokens, stop_at_layer=n_layers)
+    n = len(spliced)
+    starts = start_input.repeat(n, *([1] * (start_input.ndim - 1)))
+    h = run_tail(
+        model, plan, starts, torch.cat(spliced), None if mask is None else mask.repeat(n, 1)
+    )
+    out = logits(model, h[positive.repeat(n, 1)])
+    mass = out[:, ids].logsumexp(-1) - out.logsumexp(-1)
+    return mass.reshape(n, -1)

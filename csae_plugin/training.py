@@ -26,9 +26,9 @@ from sae_lens.config import LoggingConfig
 from sae_lens.saes.sae import TrainingSAEConfig
 from transformer_lens import HookedTransformer
 
-from csae_plugin.causal_sae import CausalTrainingSAEConfig
 from csae_plugin.data import as_hf_dataset
 from csae_plugin.runner import CausalSAETrainingRunner
+from csae_plugin.saes.causal import CausalTrainingSAEConfig
 
 ARCHITECTURES = ("causal", "standard", "topk", "batchtopk", "jumprelu")
 """What :func:`sae_training_config` builds: the causal SAE and SAELens's baselines."""
@@ -159,6 +159,7 @@ def train_sae(
         n_checkpoints=0,
         verbose=False,
     )
+    torch.manual_seed(seed)  # SAELens's runner seeds its data shuffles, not the SAE's init
     runner = _MeanInitRunner(
         cfg,
         override_model=model,

@@ -6,7 +6,6 @@ creates it and attaches it to the training SAE, which calls :meth:`kl_term` and 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,10 +15,11 @@ import torch.nn.functional as F
 from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import softcap_enabled
-from transformer_lens.utilities.tokenize_utils import get_attention_mask
+
+from csae_plugin.causal.tail import HookPlan, capture, padding_masks, parse_hook, run_tail
 
 if TYPE_CHECKING:
-    from csae_plugin.causal_sae import CausalTrainingSAE
+    from csae_plugin.saes.causal import CausalTrainingSAE
 
 
 def special_token_mask(tokens: torch.Tensor, special_ids: torch.Tensor | None) -> torch.Tensor:
@@ -91,18 +91,6 @@ def _capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
 
 
-def _resid_start(hook_name: str) -> int | None:
-    """The block whose input is the activation at a residual-stream hook (None: other hooks)."""
-    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook_name)
-    if match is None:
-        return None
-    return int(match.group(1)) + (match.group(2) == "post")
-
-
-def _final_residual(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
-    return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-
-
 @dataclass
 class CausalTrainingContext:
     """What the causal SAE needs from the runner: the frozen model and token sequences."""
@@ -116,13 +104,17 @@ class CausalTrainingContext:
     optimizer: torch.optim.Optimizer | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     _next_latent: int = 0
+    plan: HookPlan = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.plan = parse_hook(self.hook_name)  # an unsupported hook fails before training
 
     def spliced_kl(self, sae: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """KL(p_clean || p_spliced) with the SAE's reconstruction spliced in at the hook at every
         scored position (BOS/padding keep their clean activation). Differentiable in the SAE.
 
-        At a residual-stream hook the model runs once up to the hook, and the clean and
-        spliced passes only from there; the KL is reduced chunk by chunk (:class:`_LeanKL`),
+        The model runs once up to the hook, and the clean and spliced passes only from there
+        (:mod:`csae_plugin.causal.tail`); the KL is reduced chunk by chunk (:class:`_LeanKL`),
         so its cost is the layers after the hook plus three unembeddings of the scored rows.
         """
         model = self.model
@@ -134,36 +126,11 @@ class CausalTrainingContext:
             keep = mask.reshape(*mask.shape, *([1] * (x.ndim - 2)))
             return torch.where(keep, recon.reshape(x.shape).to(x.dtype), x)
 
-        n_layers = model.cfg.n_layers
-        start = _resid_start(self.hook_name)
-        if start is None:
-            with torch.no_grad():
-                clean = model(tokens, stop_at_layer=n_layers)
-            spliced = model.run_with_hooks(
-                tokens,
-                stop_at_layer=n_layers,
-                fwd_hooks=[(self.hook_name, lambda act, hook: splice(act))],
-            )
-        else:
-            attention_mask = None
-            tokenizer = model.tokenizer
-            if tokenizer is not None and tokenizer.padding_side == "left":
-                attention_mask = get_attention_mask(
-                    tokenizer, tokens, model.cfg.default_prepend_bos
-                )
-            with torch.no_grad():
-                x = model(tokens, stop_at_layer=start)
-                clean = model(
-                    x, start_at_layer=start, stop_at_layer=n_layers, attention_mask=attention_mask
-                )
-            spliced = model(
-                splice(x),
-                start_at_layer=start,
-                stop_at_layer=n_layers,
-                attention_mask=attention_mask,
-            )
-        clean_h = _final_residual(model, clean)[mask]
-        spliced_h = _final_residual(model, spliced)[mask]
+        _, attention_mask = padding_masks(model, tokens)
+        with torch.no_grad():
+            x, start_input = capture(model, self.plan, tokens, attention_mask)
+            clean_h = run_tail(model, self.plan, start_input, x, attention_mask)[mask]
+        spliced_h = run_tail(model, self.plan, start_input, splice(x), attention_mask)[mask]
         unembed = model.unembed
         return _LeanKL.apply(
             spliced_h, clean_h.detach(), unembed.W_U, unembed.b_U, model.cfg.output_logits_soft_cap

@@ -20,7 +20,6 @@ decoding, so error terms, decoder directions and null perturbations are in model
 from __future__ import annotations
 
 import copy
-import re
 import time
 from typing import TYPE_CHECKING
 
@@ -30,13 +29,13 @@ import torch
 from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
-from csae_plugin.causal_sae import _hidden_pre
+from csae_plugin.causal.tail import stop_after_hook
 from csae_plugin.interventions import latent_effects, reference_stats
 from csae_plugin.nces import effects_details, nces_metrics
 from csae_plugin.training_terms import special_token_mask
 
 if TYPE_CHECKING:
-    from csae_plugin.causal_sae import CausalTrainingSAE
+    from csae_plugin.saes.causal import CausalTrainingSAE
     from csae_plugin.training_terms import CausalTrainingContext
 
 FDR_LEVEL = 0.05
@@ -91,10 +90,7 @@ class ModelUnitsSAE:
 
     def encode_scaled(self, x_scaled: torch.Tensor) -> torch.Tensor:
         """Latents of activations already in the SAE's scaled units."""
-        if self.sae.cfg.activation == "batchtopk":
-            hidden_pre = _hidden_pre(self.sae, x_scaled)
-            return hidden_pre * (hidden_pre > self.sae.topk_threshold)
-        return self.sae.encode(x_scaled)
+        return self.sae.encode_as_saved(x_scaled)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_scaled(self.scaler.scale(x.to(self.dtype)))
@@ -233,7 +229,8 @@ def resample_latents(
     sae.W_dec[idx] = directions * dec_norm
     sae.W_enc[:, idx] = directions.T * enc_norm * ENCODER_INIT_SCALE
     sae.b_enc[idx] = 0.0
-    sae.l1_weights[idx] = 1.0
+    if hasattr(sae, "l1_weights"):
+        sae.l1_weights[idx] = 1.0
     if context.optimizer is not None:
         reset_adam_state(context.optimizer, sae, idx)
 
@@ -274,8 +271,7 @@ def _hook_activations(context: CausalTrainingContext) -> torch.Tensor:
     """Model-unit activations at the hook on the verify tokens' scored positions [n, d_in]."""
     model: HookedTransformer = context.model
     tokens = context.verify_tokens.to(model.cfg.device)  # type: ignore[union-attr]
-    match = re.match(r"blocks\.(\d+)\.", context.hook_name)
-    stop = int(match.group(1)) + 1 if match else None
+    stop = stop_after_hook(context.hook_name)
     _, cache = model.run_with_cache(
         tokens, names_filter=[context.hook_name], stop_at_layer=stop, return_type=None
     )

@@ -479,7 +479,7 @@ def stage_train(check: Check) -> dict[str, Any]:
 
 
 def stage_cli(check: Check) -> dict[str, Any]:
-    from csae_plugin.cli import load_results
+    from csae_plugin.evals.api import load_results
 
     folders, spec = check.need("folders", "model_spec")
     s = check.scale

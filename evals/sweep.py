@@ -203,7 +203,7 @@ def score(
 
     ``null``: the nces eval's null(s) ('matched,covariance,isotropic'); default its default.
     """
-    from csae_plugin.cli import evaluate_saes
+    from csae_plugin.evals.api import evaluate_saes
 
     evaluate_saes(
         evals=evals,
@@ -249,7 +249,7 @@ def run(
     reference dictionaries (``csae_plugin.evals.reference_saes``) are built on training rows
     and scored with nces beside the trained SAEs.
     """
-    from csae_plugin.cli import load_results, plot_results
+    from csae_plugin.evals.api import load_results, plot_results
 
     preset = PRESETS[preset_name]
     started = time.perf_counter()
@@ -496,7 +496,7 @@ def ablate_interventions(
     ``zero`` is read from the sweep's own results; the others are written to
     ``<out>/ablation_<intervention>/``. Returns one row per SAE and intervention.
     """
-    from csae_plugin.cli import load_results
+    from csae_plugin.evals.api import load_results
 
     preset = PRESETS[preset_name]
     folders = sorted(p.parent for p in (out / "saes").glob("*/cfg.json"))

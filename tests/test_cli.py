@@ -16,8 +16,7 @@ from sae_bench.evals.core.eval_output import CoreEvalOutput
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from csae_plugin import cli, models
-from csae_plugin.causal_sae import CausalSAE, CausalSAEConfig
+from csae_plugin import CausalTrainingSAE, CausalTrainingSAEConfig, cli, models
 from csae_plugin.evals.nces import main as nces_main
 from csae_plugin.evals.nces.eval_output import NCESEvalOutput
 
@@ -35,8 +34,8 @@ def save_standard(folder, d_in: int = D_MODEL, hook: str = HOOK):
 
 def save_causal(folder):
     torch.manual_seed(1)
-    cfg = CausalSAEConfig(d_in=D_MODEL, d_sae=64, k=4, metadata=SAEMetadata(hook_name=HOOK))
-    CausalSAE(cfg).save_model(folder)
+    cfg = CausalTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, metadata=SAEMetadata(hook_name=HOOK))
+    CausalTrainingSAE(cfg).save_model(folder)
     return folder
 
 
@@ -95,7 +94,8 @@ def test_c1_run_writes_core_and_nces_results(tmp_path, tiny_world, capsys):
         assert nces.eval_config.n_reference_sequences == 12
         assert core.eval_result_metrics.sparsity.l0 > 0
     causal = json.loads((out / "nces/local_causal_eval_results.json").read_text())
-    assert causal["sae_cfg_dict"]["architecture"] == "causal"
+    assert causal["sae_cfg_dict"]["architecture"] == "topk"  # saved as its plain equivalent
+    assert causal["sae_cfg_dict"]["metadata"]["training_architecture"] == "causal"
     summary = capsys.readouterr().out
     assert "causal" in summary and "standard" in summary and "nces_geomean" in summary
 

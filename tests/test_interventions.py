@@ -23,6 +23,7 @@ from scipy import stats as scipy_stats
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from csae_plugin import interventions as iv
+from csae_plugin.causal import tail
 from csae_plugin.nces import effects_details
 
 D_MODEL = 32
@@ -255,7 +256,7 @@ def test_5_never_firing_latent_is_dead():
 
 # 7. peak memory does not grow with the number of latents
 def test_7_largest_tensors_do_not_grow_with_latents(monkeypatch):
-    """Every [rows, d_vocab] tensor is made by the engine's unembedding (``_logits``) and every
+    """Every [rows, d_vocab] tensor is made by the tail's unembedding (``logits``) and every
     tail batch enters the last block, so recording those sees the largest intermediates.
     Doubling the latents must leave both maxima unchanged, within the chunk and batch sizes."""
     model = tiny_model()
@@ -263,7 +264,7 @@ def test_7_largest_tensors_do_not_grow_with_latents(monkeypatch):
     row_chunk = 40
     monkeypatch.setattr(iv, "ROW_CHUNK_BYTES", row_chunk * D_VOCAB * 4)
     seen = {"logits": 0, "block": 0}
-    unembed = iv._logits
+    unembed = tail.logits
 
     def recording_unembed(model, h):
         logits = unembed(model, h)
@@ -273,7 +274,7 @@ def test_7_largest_tensors_do_not_grow_with_latents(monkeypatch):
     def block_hook(module, inputs):
         seen["block"] = max(seen["block"], inputs[0].numel())
 
-    monkeypatch.setattr(iv, "_logits", recording_unembed)
+    monkeypatch.setattr(tail, "logits", recording_unembed)
     handle = model.blocks[-1].register_forward_pre_hook(block_hook)
     maxima = []
     try:
@@ -310,7 +311,7 @@ def test_7_kl_is_accurate_for_tiny_effects():
         reduction="none",
     ).sum(-1)
     assert exact.max() < 1e-5
-    np.testing.assert_allclose(iv.kl_rows(clean, logits), exact, rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(tail.kl_rows(clean, logits), exact, rtol=1e-4, atol=1e-12)
 
 
 # 8. bad inputs raise one-line ValueErrors

@@ -24,7 +24,8 @@ def test_readme_snippets_run(tmp_path, monkeypatch, capsys):
         exec(compile(snippet, "README.md", "exec"), {"__name__": "__readme__"})
     printed = capsys.readouterr().out.split("\n")
     assert "causal" in printed
-    assert "CausalSAE 256" in printed
+    assert "TopKSAE 256" in printed
+    assert printed.count("causal") == 2  # trained as "causal", provenance kept when loaded
     assert (tmp_path / "my_causal_sae" / "cfg.json").is_file()
 
 

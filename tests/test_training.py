@@ -28,7 +28,8 @@ def test_every_architecture_trains_saves_and_loads(tmp_path, architecture):
         norm_estimate_batches=2,
     )
     # SAELens saves a BatchTopK SAE as the equivalent JumpReLU SAE (per-latent threshold)
-    expected = "jumprelu" if architecture == "batchtopk" else architecture
+    # and a causal SAE (topk activation by default) as the equivalent TopK SAE
+    expected = {"batchtopk": "jumprelu", "causal": "topk"}.get(architecture, architecture)
     assert sae.cfg.architecture() == expected
     assert runner.cfg.total_training_steps == 40
     loaded = SAE.load_from_disk(tmp_path)

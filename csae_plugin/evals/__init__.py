@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from csae_plugin.checks import check_model_matches_sae
+from csae_plugin.causal.tail import check_model_matches_sae
 from csae_plugin.loading import SAELoadError, check_sae_weights
 
 if TYPE_CHECKING:

@@ -17,7 +17,6 @@ SAEBench's own.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from sae_lens import SAE
 from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens import HookedTransformer
 
+from csae_plugin.causal.tail import stop_after_hook
 from csae_plugin.data import as_hf_dataset
 from csae_plugin.evals import atomic_path, results_path, sae_bench_version, validate_inputs
 
@@ -173,14 +173,13 @@ def explained_variance(
     Positions holding an ``ignore_tokens`` id are left out (as core does); sums in float64.
     """
     hook = sae.cfg.metadata.hook_name
-    layer = re.match(r"blocks\.(\d+)\.", hook)
     ignore = torch.tensor(sorted(ignore_tokens), dtype=torch.long)
     n, total, total_sq, resid_sq = 0, 0.0, 0.0, 0.0
     for rows in tokens.split(batch_size):
         _, cache = model.run_with_cache(
             rows.to(model.cfg.device),
             names_filter=[hook],
-            stop_at_layer=None if layer is None else int(layer.group(1)) + 1,
+            stop_at_layer=stop_after_hook(hook),
             return_type=None,
         )
         keep = ~torch.isin(rows, ignore.to(rows.device))

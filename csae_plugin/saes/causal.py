@@ -1,0 +1,328 @@
+"""The "causal" training architecture: SAELens's TopK, BatchTopK or standard SAE plus two terms
+that need the language model (see ``shared/design/csae.md``):
+
+3. downstream faithfulness, ``lambda_kl * KL(p_clean || p_spliced)`` every ``kl_every`` steps;
+4. causal verification every ``verify_every`` steps (NCES on held-out sequences), after which
+   dead or causally inert latents are resampled (or, with ``relu``, pay a higher L1 weight).
+
+Everything else is SAELens's own: encoder, decoder, initialisation and the auxiliary
+(dead-latent) loss come from ``TopKTrainingSAE`` / ``BatchTopKTrainingSAE`` /
+``StandardTrainingSAE`` with their default coefficients, so a causal SAE with ``lambda_kl=0``
+and ``verify_every=0`` trains to exactly the baseline's weights.
+
+As SAELens does for BatchTopK, "causal" exists only for training. What is saved (by the
+runner, ``save_model`` or ``save_inference_model``) is the plain SAELens SAE it is equivalent
+to, with decoder norms folded into the encoder: ``topk`` -> "topk", ``batchtopk`` -> "jumprelu"
+at the learned threshold, ``relu`` -> "standard". The causal settings (``lambda_kl``,
+``kl_every``, verification) and the plugin's version stay in the saved config's metadata
+(``training_architecture="causal"``, ``training_architecture_details``), so any SAELens-based
+tool loads the SAE without importing ``csae_plugin``.
+
+The model is attached by :class:`csae_plugin.training.runner.CausalSAETrainingRunner`; with the
+plain SAELens runner the SAE trains as its baseline and says once that terms 3-4 are off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
+from sae_lens.saes.sae import SAEConfig, TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.saes.standard_sae import StandardSAEConfig, StandardTrainingSAE
+from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from typing_extensions import override
+
+if TYPE_CHECKING:
+    from csae_plugin.training.kl import CausalTrainingContext
+
+ARCHITECTURE = "causal"
+ACTIVATIONS = ("relu", "topk", "batchtopk")
+Activation = Literal["relu", "topk", "batchtopk"]
+
+INFERENCE_CONFIGS: dict[str, type[SAEConfig]] = {
+    "topk": TopKSAEConfig,
+    "batchtopk": JumpReLUSAEConfig,
+    "relu": StandardSAEConfig,
+}
+"""The plain SAELens inference architecture each activation is saved as."""
+
+logger = logging.getLogger(__name__)
+
+
+def plugin_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("csae-plugin")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def validate_activation(activation: str, k: float, d_sae: int) -> None:
+    """One-line ValueError for an unknown activation or a ``k`` it cannot use."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"causal SAE activation {activation!r} is not one of {', '.join(ACTIVATIONS)}; "
+            "set activation='relu', 'topk' or 'batchtopk'"
+        )
+    if activation == "relu":
+        return
+    if not 0 < k <= d_sae:
+        raise ValueError(
+            f"causal SAE k={k} must satisfy 0 < k <= d_sae={d_sae}; pick a k in that range"
+        )
+    if activation == "topk" and float(k) != int(k):
+        raise ValueError(
+            f"causal SAE k={k} must be a whole number for activation='topk' "
+            "(use activation='batchtopk' for an average k)"
+        )
+
+
+@dataclass
+class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
+    """Training config of a causal SAE; each loss term can be switched off (for ablations).
+
+    The fields of SAELens's TopK / BatchTopK / standard training configs keep their meaning and
+    defaults (``aux_loss_coefficient``, ``rescale_acts_by_decoder_norm``, ``topk_threshold_lr``,
+    ``l1_coefficient``, ``lp_norm``, ``l1_warm_up_steps``).
+
+    Args:
+        activation: ``topk`` (k per token), ``batchtopk`` (k on average; saved as JumpReLU at
+            the learned threshold) or ``relu`` (+ L1; saved as a standard SAE).
+        k: active latents per token (``topk``) or on average (``batchtopk``); unused by relu.
+        lambda_kl: weight of KL(p_clean || p_spliced) (term 3); 0 switches it off.
+        kl_every: compute the KL term every this many steps (>= 1). Each KL step costs a pass
+            through the model after the hook; in the project's study (``evals/REPORT.md``, Gemma
+            3 270M, 40 steps) every 10 steps lowered the KL-div score while every step did not.
+        kl_batch_size: token sequences per KL step.
+        verify_every: run causal verification every this many steps (term 4); 0 switches it off.
+        verify_latents: latents checked per verification (a rotating subset).
+        verify_seqs_per_latent: sequences per latent in a verification.
+        verify_null_draws: null draws (default null) per sequence in a verification.
+        verify_action: what happens to dead / inert latents: ``resample`` (re-initialise them)
+            or ``reweight`` (``relu`` only: their L1 weight doubles, verified ones relax to 1).
+    """
+
+    activation: Activation = "topk"
+    k: float = 32  # type: ignore[assignment]
+    topk_threshold_lr: float = 0.01
+    l1_coefficient: float = 1.0
+    lp_norm: float = 1.0
+    l1_warm_up_steps: int = 0
+    lambda_kl: float = 1.0
+    kl_every: int = 10
+    kl_batch_size: int = 4
+    verify_every: int = 0
+    verify_latents: int = 64
+    verify_seqs_per_latent: int = 4
+    verify_null_draws: int = 2
+    verify_action: Literal["resample", "reweight"] = "resample"
+
+    def __post_init__(self) -> None:
+        validate_activation(self.activation, self.k, self.d_sae)
+        if self.activation == "topk":
+            self.k = int(self.k)
+        if self.kl_every < 1:
+            raise ValueError(
+                f"kl_every={self.kl_every} must be >= 1 (set lambda_kl=0 to turn KL off)"
+            )
+        if self.kl_batch_size < 1:
+            raise ValueError(f"kl_batch_size={self.kl_batch_size} must be >= 1")
+        if self.lambda_kl < 0:
+            raise ValueError(f"lambda_kl={self.lambda_kl} must be >= 0")
+        if self.verify_every < 0:
+            raise ValueError(f"verify_every={self.verify_every} must be >= 0 (0 turns it off)")
+        if self.verify_action not in ("resample", "reweight"):
+            raise ValueError(
+                f"verify_action {self.verify_action!r} must be 'resample' or 'reweight'"
+            )
+        if self.verify_action == "reweight" and self.activation != "relu":
+            raise ValueError("verify_action='reweight' needs activation='relu' (it scales L1)")
+        super().__post_init__()
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return INFERENCE_CONFIGS[self.activation]
+
+    @override
+    def _metadata_with_training_info(self) -> dict[str, Any]:
+        metadata = super()._metadata_with_training_info()
+        metadata["csae_plugin_version"] = plugin_version()
+        return metadata
+
+
+class CausalTrainingSAE(TrainingSAE[CausalTrainingSAEConfig]):
+    """Training causal SAE: its SAELens baseline plus the KL and verification terms when a
+    language model is attached (:meth:`attach`).
+
+    ``CausalTrainingSAE(cfg)`` builds the variant for ``cfg.activation``:
+    :class:`CausalTopKTrainingSAE`, :class:`CausalBatchTopKTrainingSAE` or
+    :class:`CausalStandardTrainingSAE`, each this class mixed into the upstream class.
+    """
+
+    def __new__(cls, cfg: CausalTrainingSAEConfig | None = None, use_error_term: bool = False):
+        # copy.deepcopy and pickle call __new__ with no arguments, on the variant class
+        variant = VARIANTS[cfg.activation] if cls is CausalTrainingSAE and cfg else cls
+        return super(CausalTrainingSAE, variant).__new__(variant)
+
+    def __init__(self, cfg: CausalTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._context: CausalTrainingContext | None = None
+        self._warned_no_model = False
+
+    def attach(self, context: CausalTrainingContext | None) -> None:
+        """Give the SAE what terms 3-4 need (model, tokens); kept off the module tree, so it
+        is never saved with the SAE nor optimised."""
+        self._context = context
+
+    @property
+    def causal_context(self) -> CausalTrainingContext | None:
+        return self._context
+
+    def encode_as_saved(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents as the saved inference SAE computes them (BatchTopK: at its threshold)."""
+        return self.encode(x)
+
+    @override
+    def get_coefficients(self) -> dict[str, Any]:
+        return {**super().get_coefficients(), "kl": self.cfg.lambda_kl}
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self._maybe_verify(step_input)
+        output = super().training_forward_pass(step_input)
+        if self._context is not None and self._context.history:
+            # the latest verification rides on every step, so SAELens's logger (which logs
+            # every wandb_log_frequency steps) always sees it
+            latest = self._context.history[-1]
+            output.metrics.update({f"verify_{k}": v for k, v in latest.items() if k != "step"})
+        return output
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        losses = dict(super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out))
+        kl = self._maybe_kl(step_input)
+        if kl is not None:
+            losses["kl_loss"] = kl
+        return losses
+
+    def _maybe_kl(self, step_input: TrainStepInput) -> torch.Tensor | None:
+        if self.cfg.lambda_kl == 0 or step_input.n_training_steps % self.cfg.kl_every != 0:
+            return None
+        if self._context is None:
+            self._warn_no_model()
+            return None
+        return step_input.coefficients["kl"] * self._context.kl_term(self)
+
+    def _maybe_verify(self, step_input: TrainStepInput) -> dict[str, float] | None:
+        every = self.cfg.verify_every
+        if every == 0 or step_input.n_training_steps == 0 or step_input.n_training_steps % every:
+            return None
+        if self._context is None:
+            self._warn_no_model()
+            return None
+        return self._context.verify(
+            self, dead_neuron_mask=step_input.dead_neuron_mask, step=step_input.n_training_steps
+        )
+
+    def _warn_no_model(self) -> None:
+        if not self._warned_no_model:
+            logger.warning(
+                "causal SAE: no language model attached, so the KL and causal-verification terms "
+                "are off; train with csae_plugin.CausalSAETrainingRunner to turn them on"
+            )
+            self._warned_no_model = True
+
+    @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Saved as the plain SAELens SAE it is equivalent to (see the module docstring)."""
+        return self.save_inference_model(path)
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Reload a saved (inference-form) causal SAE into training, e.g. from a checkpoint."""
+        super().process_state_dict_for_loading(state_dict)
+        for name, buffer in self.named_buffers():
+            state_dict.setdefault(name, buffer.clone())
+
+
+class CausalTopKTrainingSAE(CausalTrainingSAE, TopKTrainingSAE):
+    """Causal SAE with SAELens's TopK encoder and auxiliary loss; saved as "topk"."""
+
+
+class CausalBatchTopKTrainingSAE(CausalTrainingSAE, BatchTopKTrainingSAE):
+    """Causal SAE with SAELens's BatchTopK encoder and auxiliary loss; saved as "jumprelu"."""
+
+    @override
+    def encode_as_saved(self, x: torch.Tensor) -> torch.Tensor:
+        sae_in = self.process_sae_in(x)
+        hidden_pre = sae_in @ self.W_enc + self.b_enc
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+        return hidden_pre * (hidden_pre > self.topk_threshold.to(hidden_pre.dtype))
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        if "threshold" in state_dict and "topk_threshold" not in state_dict:
+            threshold = state_dict.pop("threshold")
+            state_dict["topk_threshold"] = threshold.max().to(self.topk_threshold)
+        super().process_state_dict_for_loading(state_dict)
+
+
+class CausalStandardTrainingSAE(CausalTrainingSAE, StandardTrainingSAE):
+    """Causal SAE with SAELens's ReLU encoder and decoder-norm-weighted L1; saved as "standard".
+
+    ``l1_weights`` scales each latent's L1 (``verify_action="reweight"``); all ones leaves
+    SAELens's loss unchanged.
+    """
+
+    def __init__(self, cfg: CausalTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.register_buffer(
+            "l1_weights", torch.ones(cfg.d_sae, dtype=self.dtype, device=self.device)
+        )
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return super().calculate_aux_loss(
+            step_input, feature_acts * self.l1_weights, hidden_pre, sae_out
+        )
+
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        state_dict.pop("l1_weights")
+        # ReLU commutes with a positive scale: folding the decoder norms is exact
+        norms = self.get_W_dec_norm()
+        state_dict["W_dec"] = state_dict["W_dec"] / norms[:, None]
+        state_dict["W_enc"] = state_dict["W_enc"] * norms[None, :]
+        state_dict["b_enc"] = state_dict["b_enc"] * norms
+
+
+VARIANTS: dict[str, type[CausalTrainingSAE]] = {
+    "topk": CausalTopKTrainingSAE,
+    "batchtopk": CausalBatchTopKTrainingSAE,
+    "relu": CausalStandardTrainingSAE,
+}

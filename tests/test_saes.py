@@ -1,0 +1,385 @@
+"""The "causal" architecture: registration, training through SAELens's runner, saving as the
+plain SAELens SAE it is equivalent to (loadable without the plugin), 0.1.0 folders, parity
+with the baselines, the conformance behaviours SAELens checks for its own architectures, and
+input errors."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BOS, D_MODEL, make_tokens, runner_config
+from sae_lens import (
+    SAE,
+    BatchTopKTrainingSAEConfig,
+    HookedSAETransformer,
+    JumpReLUSAE,
+    LanguageModelSAETrainingRunner,
+    StandardSAE,
+    TopKSAE,
+    TopKTrainingSAEConfig,
+)
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.sae import TrainStepInput
+from safetensors.torch import load_file, save_file
+
+import csae_plugin
+from csae_plugin import (
+    CausalSAE,
+    CausalSAEConfig,
+    CausalSAETrainingRunner,
+    CausalTrainingSAE,
+    CausalTrainingSAEConfig,
+)
+from csae_plugin.loading import SAELoadError, load_sae_from_folder
+from csae_plugin.training import TrainSpec, train_sae
+from csae_plugin.training_terms import CausalTrainingContext
+
+ACTIVATIONS = ["relu", "topk", "batchtopk"]
+SAVED_AS = {"topk": TopKSAE, "batchtopk": JumpReLUSAE, "relu": StandardSAE}
+FIXTURE = Path(__file__).parent / "fixtures" / "causal_sae_0.1.0"
+HOOK = "blocks.0.hook_resid_post"
+
+
+def causal_cfg(activation: str = "topk", **kw) -> CausalTrainingSAEConfig:
+    kw.setdefault("k", 4)
+    return CausalTrainingSAEConfig(d_in=D_MODEL, d_sae=64, activation=activation, **kw)
+
+
+def trained(activation: str, steps: int = 30, seed: int = 0) -> CausalTrainingSAE:
+    """A causal SAE briefly trained on random activations, so its weights are not at init."""
+    torch.manual_seed(seed)
+    sae = CausalTrainingSAE(causal_cfg(activation, lambda_kl=0.0))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for step in range(steps):
+        x = torch.randn(128, D_MODEL) * 3 + 1
+        coefficients = {"l1": 1e-3, "kl": 0.0}
+        out = sae.training_forward_pass(TrainStepInput(x, coefficients, None, step, False))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return sae
+
+
+# 1. registration
+def test_importing_registers_causal_for_training_and_for_0_1_0_folders():
+    assert SAE_TRAINING_CLASS_REGISTRY["causal"] == (CausalTrainingSAE, CausalTrainingSAEConfig)
+    assert SAE_CLASS_REGISTRY["causal"] == (CausalSAE, CausalSAEConfig)
+
+
+def test_registration_is_idempotent_on_reimport_and_reload():
+    importlib.import_module("csae_plugin")
+    csae_plugin.saes.register()
+    reloaded = importlib.reload(csae_plugin.saes)
+    reloaded.register()
+    assert "causal" in SAE_CLASS_REGISTRY and "causal" in SAE_TRAINING_CLASS_REGISTRY
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_causal_training_sae_is_the_upstream_class_plus_the_causal_terms(activation):
+    sae = CausalTrainingSAE(causal_cfg(activation))
+    upstream = {"topk": "TopKTrainingSAE", "batchtopk": "BatchTopKTrainingSAE"}
+    upstream["relu"] = "StandardTrainingSAE"
+    assert isinstance(sae, CausalTrainingSAE)
+    assert upstream[activation] in [c.__name__ for c in type(sae).__mro__]
+    saved_cfg = sae.cfg.get_inference_config_class()(d_in=D_MODEL, d_sae=64)
+    assert isinstance(SAE.from_dict(saved_cfg.to_dict()), SAVED_AS[activation])
+
+
+# 2. saved as plain SAELens SAEs, loadable by a process that never imports csae_plugin
+_FRESH_PROCESS_CHECK = """
+import json, sys, torch
+from safetensors.torch import load_file
+from sae_lens import SAE
+from sae_bench.sae_bench_utils.general_utils import check_decoder_norms
+
+cases = json.loads(sys.argv[1])
+for case in cases:
+    sae = SAE.load_from_disk(case["folder"])
+    expected = load_file(case["expected"])
+    assert type(sae).__name__ == case["cls"], (type(sae).__name__, case)
+    meta = sae.cfg.metadata
+    assert meta.training_architecture == "causal", meta
+    assert meta.csae_plugin_version, meta
+    assert "lambda_kl" in meta.training_architecture_details, meta
+    with torch.no_grad():
+        acts = sae.encode(expected["x"])
+        torch.testing.assert_close(acts, expected["acts"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sae.decode(acts), expected["recons"], rtol=1e-4, atol=1e-4)
+    assert check_decoder_norms(sae.W_dec), case
+assert not any(m.startswith("csae_plugin") for m in sys.modules), "csae_plugin was imported"
+print("ok", len(cases))
+"""
+
+
+def _expected(sae: CausalTrainingSAE, path: Path) -> Path:
+    """What the training SAE computes on a fixed input, as its saved inference SAE should."""
+    torch.manual_seed(7)
+    x = torch.randn(32, D_MODEL) * 3 + 1
+    with torch.no_grad():
+        acts = sae.encode_as_saved(x)
+        recons = sae.decode(acts)
+    if sae.cfg.activation == "relu":  # saved with decoder norms folded: latents scale by them
+        acts = acts * sae.W_dec.norm(dim=-1)
+    save_file({"x": x, "acts": acts.contiguous(), "recons": recons.contiguous()}, path)
+    return path
+
+
+def _check_in_fresh_process(cases: list[dict]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS_CHECK, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith(f"ok {len(cases)}")
+
+
+def _save_three_ways(sae: CausalTrainingSAE, out: Path, runner_folder: Path | None) -> list[dict]:
+    sae.save_model(out / "save_model")
+    sae.save_inference_model(out / "save_inference_model")
+    folders = [out / "save_model", out / "save_inference_model"]
+    if runner_folder is not None:
+        folders.append(runner_folder)
+    expected = _expected(sae, out / "expected.safetensors")
+    cls = SAVED_AS[sae.cfg.activation].__name__
+    return [{"folder": str(f), "expected": str(expected), "cls": cls} for f in folders]
+
+
+@pytest.mark.parametrize("path", ["plain_runner", "causal_runner", "train_sae"])
+def test_saved_causal_sae_loads_without_the_plugin_with_the_same_outputs(
+    tiny_model, tiny_dataset, tiny_tokens, tmp_path, path
+):
+    cases = []
+    for activation in ACTIVATIONS:
+        out = tmp_path / activation
+        overrides = {"activation": activation, "kl_every": 2}
+        if path == "train_sae":
+            _, runner = train_sae(
+                tiny_model,
+                HOOK,
+                tiny_tokens,
+                TrainSpec("causal", 64, k=4, overrides=overrides),
+                training_tokens=16 * 64,
+                batch_size_tokens=64,
+                output_path=out / "runner",
+            )
+            sae = runner.sae
+        else:
+            runner_cls = (
+                LanguageModelSAETrainingRunner
+                if path == "plain_runner"
+                else CausalSAETrainingRunner
+            )
+            cfg = runner_config(
+                causal_cfg(**overrides, k=4), out / "runner", training_tokens=16 * 64
+            )
+            sae = runner_cls(cfg, override_model=tiny_model, override_dataset=tiny_dataset).run()
+        assert isinstance(sae, CausalTrainingSAE)
+        cases += _save_three_ways(sae, out, out / "runner")
+    _check_in_fresh_process(cases)
+
+
+def test_plain_runner_says_once_that_the_causal_terms_are_off(
+    tiny_model, tiny_dataset, tmp_path, caplog
+):
+    cfg = runner_config(causal_cfg(kl_every=2), tmp_path / "out", training_tokens=16 * 64)
+    with caplog.at_level(logging.WARNING):
+        sae = LanguageModelSAETrainingRunner(
+            cfg, override_model=tiny_model, override_dataset=tiny_dataset
+        ).run()
+    assert sae.cfg.architecture() == "causal"
+    warnings = [r for r in caplog.records if "no language model attached" in r.getMessage()]
+    assert len(warnings) == 1
+    saved = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert saved["architecture"] == "topk"
+    details = saved["metadata"]["training_architecture_details"]
+    assert details["kl_every"] == 2 and details["lambda_kl"] == 1.0
+
+
+# 3. 0.1.0 folders still load
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_0_1_0_causal_folder_loads_as_the_plain_sae_with_the_same_outputs(activation):
+    assert json.loads((FIXTURE / activation / "cfg.json").read_text())["architecture"] == "causal"
+    sae = SAE.load_from_disk(FIXTURE / activation)
+    assert type(sae) is SAVED_AS[activation]
+    assert sae.cfg.metadata.training_architecture == "causal"
+    expected = load_file(FIXTURE / "expected.safetensors")
+    with torch.no_grad():
+        acts = sae.encode(expected["x"])
+        recons = sae.decode(acts)
+    norms = load_file(FIXTURE / activation / "sae_weights.safetensors")["W_dec"].norm(dim=-1)
+    # 0.1.0 measured latents in units of a unit-norm decoder row, as the folded SAE does
+    torch.testing.assert_close(acts, expected[f"{activation}_acts"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recons, expected[f"{activation}_recons"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones_like(norms))
+
+
+# 4. with lambda_kl=0 a causal SAE is its baseline: same seed, same weights
+@pytest.mark.parametrize(
+    ("activation", "baseline"),
+    [("topk", TopKTrainingSAEConfig), ("batchtopk", BatchTopKTrainingSAEConfig)],
+)
+def test_causal_sae_without_kl_trains_to_the_baselines_weights(
+    tiny_model, tiny_dataset, activation, baseline
+):
+    weights = []
+    for cfg_sae, runner_cls in [
+        (baseline(d_in=D_MODEL, d_sae=64, k=4), LanguageModelSAETrainingRunner),
+        (causal_cfg(activation, lambda_kl=0.0), CausalSAETrainingRunner),
+    ]:
+        cfg = runner_config(cfg_sae, training_tokens=16 * 256, seed=3)
+        torch.manual_seed(3)  # SAELens's runner does not seed torch itself
+        sae = runner_cls(cfg, override_model=tiny_model, override_dataset=tiny_dataset).run()
+        weights.append({k: v.clone() for k, v in sae.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert any(torch.count_nonzero(v) for v in weights[0].values())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
+def test_plain_runner_trains_a_topk_baseline(tiny_model, tiny_dataset, tmp_path):
+    cfg = runner_config(TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4), tmp_path / "topk")
+    sae = LanguageModelSAETrainingRunner(
+        cfg, override_model=tiny_model, override_dataset=tiny_dataset
+    ).run()
+    assert SAE.load_from_disk(tmp_path / "topk").cfg.architecture() == "topk"
+    assert sae.cfg.d_sae == 64
+
+
+def test_causal_runner_attaches_the_model_and_computes_kl(tiny_model, tiny_dataset):
+    cfg = runner_config(causal_cfg(kl_every=1), training_tokens=16 * 32)
+    runner = CausalSAETrainingRunner(cfg, override_model=tiny_model, override_dataset=tiny_dataset)
+    context = runner.sae.causal_context
+    assert isinstance(context, CausalTrainingContext) and context.model is tiny_model
+    # the model is not a submodule: never saved, never optimised
+    assert not any(name.startswith("model") for name, _ in runner.sae.named_parameters())
+    assert all(not k.startswith("model") for k in runner.sae.state_dict())
+    runner.run()
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+# 5. the KL term lowers KL(clean || spliced): a measured comparison with fixed seeds
+def _heldout_kl(sae: CausalTrainingSAE, model, tokens: torch.Tensor) -> float:
+    context = CausalTrainingContext(
+        model=model,
+        hook_name="blocks.0.hook_resid_post",
+        next_tokens=None,
+        special_ids=torch.tensor([BOS]),
+    )
+    with torch.no_grad():
+        return context.spliced_kl(sae, tokens).item()
+
+
+def test_kl_term_lowers_downstream_kl_against_the_same_run_without_it(tiny_model, tiny_dataset):
+    heldout = make_tokens(64, seed=123)
+    kls = {}
+    for lambda_kl in (0.0, 10.0):
+        torch.manual_seed(0)
+        cfg = runner_config(
+            causal_cfg("topk", k=2, lambda_kl=lambda_kl, kl_every=1, kl_batch_size=8),
+            training_tokens=16 * 512,
+        )
+        runner = CausalSAETrainingRunner(
+            cfg, override_model=tiny_model, override_dataset=tiny_dataset
+        )
+        kls[lambda_kl] = _heldout_kl(runner.run(), tiny_model, heldout)
+    assert kls[10.0] < 0.8 * kls[0.0], kls
+
+
+# 6. conformance with SAELens's own architecture tests
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fold_activation_norm_scaling_factor_preserves_outputs(activation):
+    sae = trained(activation)
+    sae.eval()
+    scale = 3.7
+    x = torch.randn(64, D_MODEL) * 2
+    expected = sae.decode(sae.encode(x * scale)) / scale
+    sae.fold_activation_norm_scaling_factor(scale)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fold_W_dec_norm_preserves_outputs_and_normalises_decoder(activation):
+    sae = trained(activation)
+    sae.eval()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(sae.cfg.d_sae, 1) + 0.5)
+    x = torch.randn(64, D_MODEL) * 2
+    feats, recons = sae.encode(x), sae.decode(sae.encode(x))
+    if activation == "relu":  # as SAELens's standard SAE: latents now in unit-decoder units
+        feats = feats * sae.W_dec.norm(dim=-1)
+    sae.fold_W_dec_norm()
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(sae.cfg.d_sae))
+    torch.testing.assert_close(sae.encode(x), feats, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), recons, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_error_term_forward_equals_clean_forward(tiny_model, tmp_path, activation):
+    trained(activation).save_inference_model(tmp_path)
+    sae = SAE.load_from_disk(tmp_path)
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    model = HookedSAETransformer(tiny_model.cfg)
+    model.load_state_dict(tiny_model.state_dict())
+    tokens = make_tokens(4, seed=5)
+    clean = model(tokens)
+    model.add_sae(sae, use_error_term=True)
+    torch.testing.assert_close(model(tokens), clean, rtol=1e-4, atol=1e-5)
+    model.reset_saes()
+    model.add_sae(sae, use_error_term=False)
+    assert not torch.allclose(model(tokens), clean, atol=1e-3)  # the splice is really there
+
+
+# 7. input errors: one clear line each
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"activation": "gelu"}, "is not one of relu, topk, batchtopk"),
+        ({"k": 0}, "0 < k <= d_sae"),
+        ({"k": 65}, "0 < k <= d_sae"),
+        ({"k": 2.5}, "must be a whole number"),
+        ({"kl_every": 0}, "kl_every=0 must be >= 1"),
+        ({"verify_action": "reweight"}, "needs activation='relu'"),
+    ],
+)
+def test_bad_config_gives_a_clear_error(kwargs, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        causal_cfg(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_hook_name_gives_a_clear_error(tiny_model, tiny_dataset):
+    cfg = runner_config(causal_cfg(), hook_name="blocks.7.hook_resid_post")
+    with pytest.raises(ValueError, match="hook 'blocks.7.hook_resid_post' is not in the model"):
+        CausalSAETrainingRunner(cfg, override_model=tiny_model, override_dataset=tiny_dataset)
+
+
+def test_d_in_mismatch_gives_a_clear_error(tiny_model, tiny_dataset):
+    cfg = runner_config(CausalTrainingSAEConfig(d_in=48, d_sae=64, k=4))
+    with pytest.raises(ValueError, match="d_in=48 does not match the model's activation size 32"):
+        CausalSAETrainingRunner(cfg, override_model=tiny_model, override_dataset=tiny_dataset)
+
+
+def test_loading_a_0_1_0_folder_without_the_plugin_says_to_import_it(monkeypatch):
+    monkeypatch.delitem(SAE_CLASS_REGISTRY, "causal")
+    with pytest.raises(KeyError):  # what plain SAELens says
+        SAE.load_from_disk(FIXTURE / "topk")
+    with pytest.raises(SAELoadError, match="import csae_plugin"):
+        load_sae_from_folder(FIXTURE / "topk")
+
+
+def test_corrupt_or_missing_sae_folder_gives_a_clear_error(tmp_path):
+    with pytest.raises(SAELoadError, match="does not exist"):
+        load_sae_from_folder(tmp_path / "nope")
+    trained("topk").save_inference_model(tmp_path)
+    (tmp_path / "cfg.json").write_text("{not json")
+    with pytest.raises(SAELoadError, match="is corrupt"):
+        load_sae_from_folder(tmp_path)
