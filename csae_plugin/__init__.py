@@ -1,13 +1,18 @@
 """Causal sparse autoencoders for SAELens, and the NCES causal-effect eval for SAEBench.
 
-Importing this package registers the "causal" SAE architecture with SAELens.
+Importing this package registers the "causal" SAE architecture with SAELens. Layout:
+``saes`` (the architecture and its registration), ``training`` (runner, KL term, verification),
+``causal`` (the model's tail, the intervention engine, NCES statistics), ``evals`` (the SAEBench
+evals and the Python API that runs them, :mod:`csae_plugin.evals.api`); ``cli`` and ``demo`` are
+front-ends over that API.
 """
 
+from csae_plugin import _moved
 from csae_plugin._compat import patch_datasets_torchvision
 
 patch_datasets_torchvision()
+_moved.install()
 
-from csae_plugin.runner import CausalSAETrainingRunner  # noqa: E402
 from csae_plugin.saes import (  # noqa: E402
     CausalSAE,
     CausalSAEConfig,
@@ -15,10 +20,11 @@ from csae_plugin.saes import (  # noqa: E402
     CausalTrainingSAEConfig,
     register,
 )
+from csae_plugin.training.runner import CausalSAETrainingRunner  # noqa: E402
 
 register()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CausalSAE",

@@ -161,7 +161,7 @@ def _error(message: str) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from csae_plugin.loading import sae_model
+    from csae_plugin.saes.loading import sae_model
 
     specs = list(args.sae)
     if args.sae_regex_pattern:

@@ -31,7 +31,7 @@ from sae_lens import TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from csae_plugin import interventions as iv
+from csae_plugin import causal as iv
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_SPEEDUP = 5.0

@@ -384,7 +384,7 @@ def stage_train(check: Check) -> dict[str, Any]:
 
     from csae_plugin.data import corpus_splits
     from csae_plugin.training import TrainSpec, train_sae
-    from csae_plugin.training_terms import CausalTrainingContext
+    from csae_plugin.training.context import CausalTrainingContext
 
     (model,) = check.need("model")
     s, device = check.scale, check.ctx["device"]
@@ -574,7 +574,7 @@ def stage_timing(check: Check) -> dict[str, Any]:
 
     from csae_plugin import interventions as iv
     from csae_plugin.data import corpus_splits
-    from csae_plugin.loading import load_sae_from_folder
+    from csae_plugin.saes.loading import load_sae_from_folder
 
     model, folders = check.need("model", "folders")
     s, device = check.scale, check.ctx["device"]
@@ -709,7 +709,7 @@ def stage_agreement(check: Check) -> dict[str, Any]:
     from csae_plugin import interventions as iv
     from csae_plugin.evals.nces.eval_config import NCESEvalConfig
     from csae_plugin.evals.nces.main import load_tokens, select_latents
-    from csae_plugin.loading import load_sae_from_folder
+    from csae_plugin.saes.loading import load_sae_from_folder
 
     model, folders, spec = check.need("model", "folders", "model_spec")
     s, device, seed = check.scale, check.ctx["device"], check.args.seed

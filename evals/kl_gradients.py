@@ -26,8 +26,8 @@ from sweep import HOOK, PRESETS, machine
 
 from csae_plugin.data import corpus_splits
 from csae_plugin.models import load_model
-from csae_plugin.runner import CausalSAETrainingRunner
 from csae_plugin.training import TrainSpec, train_sae
+from csae_plugin.training.runner import CausalSAETrainingRunner
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,4 +1,4 @@
-"""Causal consistency by targeted probing, for saved SAELens SAEs (``csae_plugin.probing``).
+"""Causal consistency by targeted probing, for saved SAELens SAEs (``csae_plugin.evals.probing``).
 
 For each concept (next token is a digit / a call's ``(`` / a sentence's first word), the
 latents that best predict it on training tokens are zeroed on held-out tokens, and the drop of
@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 
 from csae_plugin.data import corpus_splits
-from csae_plugin.loading import load_sae
+from csae_plugin.evals.probing import default_concepts, probing_consistency
 from csae_plugin.models import load_model
-from csae_plugin.probing import default_concepts, probing_consistency
+from csae_plugin.saes.loading import load_sae
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_HOOK = "blocks.6.hook_resid_post"

@@ -15,7 +15,7 @@ from sae_lens import TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from csae_plugin import interventions as iv
+from csae_plugin import causal as iv
 
 SCRIPT = Path(__file__).resolve().parents[1] / "evals" / "gpu_check.py"
 

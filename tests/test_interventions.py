@@ -22,9 +22,9 @@ from sae_lens.saes.sae import SAEMetadata
 from scipy import stats as scipy_stats
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from csae_plugin import interventions as iv
-from csae_plugin.causal import tail
-from csae_plugin.nces import effects_details
+from csae_plugin import causal as iv
+from csae_plugin.causal import engine, tail
+from csae_plugin.causal.nces import effects_details
 
 D_MODEL = 32
 D_VOCAB = 100
@@ -262,7 +262,7 @@ def test_7_largest_tensors_do_not_grow_with_latents(monkeypatch):
     model = tiny_model()
     sae, stats = sae_and_stats("standard", POST)
     row_chunk = 40
-    monkeypatch.setattr(iv, "ROW_CHUNK_BYTES", row_chunk * D_VOCAB * 4)
+    monkeypatch.setattr(engine, "ROW_CHUNK_BYTES", row_chunk * D_VOCAB * 4)
     seen = {"logits": 0, "block": 0}
     unembed = tail.logits
 
@@ -292,8 +292,8 @@ def test_7_largest_tensors_do_not_grow_with_latents(monkeypatch):
 def test_7_chunking_does_not_change_the_numbers(monkeypatch):
     sae, stats = sae_and_stats("topk", POST)
     whole = run_engine(sae, stats, [0, 1, 2], batch_size=64)
-    monkeypatch.setattr(iv, "ROW_CHUNK_BYTES", 3 * D_VOCAB * 4)
-    monkeypatch.setattr(iv, "CLEAN_CACHE_BYTES", N_CTX * D_VOCAB * 4)
+    monkeypatch.setattr(engine, "ROW_CHUNK_BYTES", 3 * D_VOCAB * 4)
+    monkeypatch.setattr(engine, "CLEAN_CACHE_BYTES", N_CTX * D_VOCAB * 4)
     chunked = run_engine(sae, stats, [0, 1, 2], batch_size=3)
     np.testing.assert_allclose(chunked.effect, whole.effect, rtol=1e-5)
     np.testing.assert_allclose(chunked.null_per_draw, whole.null_per_draw, rtol=1e-5)

@@ -201,7 +201,8 @@ def test_12_kl_term_matches_full_logits_kl_on_gemma(gemma: HookedTransformer) ->
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    from csae_plugin.training_terms import CausalTrainingContext, special_token_mask
+    from csae_plugin.causal.tail import special_token_mask
+    from csae_plugin.training.context import CausalTrainingContext
 
     hook = "blocks.6.hook_resid_post"
     torch.manual_seed(0)
@@ -254,7 +255,7 @@ def test_13_from_pretrained_kwargs_reach_the_loader(tiny_gpt2_folder: Path) -> N
 
 
 def test_14_an_sae_names_its_model_without_loading_it(tmp_path: Path) -> None:
-    from csae_plugin.loading import sae_model
+    from csae_plugin.saes.loading import sae_model
 
     assert sae_model("gpt2-small-res-jb:blocks.8.hook_resid_pre") == (
         "gpt2-small",

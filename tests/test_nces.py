@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from csae_plugin.nces import (
+from csae_plugin.causal.nces import (
     DETAIL_COLUMNS,
     direction_scores,
     moderated_variance,

@@ -13,7 +13,7 @@ from conftest import BOS, D_MODEL, make_tiny_model, make_tokens
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from csae_plugin import probing as pr
+from csae_plugin.evals import probing as pr
 
 CUE, TARGET = 7, 9  # TARGET always follows CUE, so "next token is TARGET" is visible at CUE
 HOOK = "blocks.0.hook_resid_post"

@@ -13,7 +13,7 @@ from csae_plugin.evals.reference_saes import (
     reference_sae,
     save_reference_saes,
 )
-from csae_plugin.loading import load_sae_from_folder
+from csae_plugin.saes.loading import load_sae_from_folder
 
 HOOK = "blocks.0.hook_resid_post"
 

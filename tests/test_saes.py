@@ -37,9 +37,9 @@ from csae_plugin import (
     CausalTrainingSAE,
     CausalTrainingSAEConfig,
 )
-from csae_plugin.loading import SAELoadError, load_sae_from_folder
+from csae_plugin.saes.loading import SAELoadError, load_sae_from_folder
 from csae_plugin.training import TrainSpec, train_sae
-from csae_plugin.training_terms import CausalTrainingContext
+from csae_plugin.training.context import CausalTrainingContext
 
 ACTIVATIONS = ["relu", "topk", "batchtopk"]
 SAVED_AS = {"topk": TopKSAE, "batchtopk": JumpReLUSAE, "relu": StandardSAE}

@@ -16,10 +16,10 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.activation_scaler import ActivationScaler
 
 from csae_plugin import CausalSAETrainingRunner, CausalTrainingSAE, CausalTrainingSAEConfig
-from csae_plugin import training_terms as tt
-from csae_plugin import verification as vf
-from csae_plugin.interventions import latent_effects, reference_stats
-from csae_plugin.training_terms import CausalTrainingContext
+from csae_plugin.causal import latent_effects, reference_stats, tail
+from csae_plugin.training import kl as tt
+from csae_plugin.training import verification as vf
+from csae_plugin.training.context import CausalTrainingContext
 
 HOOK = "blocks.0.hook_resid_post"
 SCALE = 2.5  # an activation scaling factor far from 1, so a missing (un)scale shows
@@ -261,10 +261,10 @@ def test_terms_off_means_no_verification_and_plain_saelens_training(
         assert torch.equal(dict(ours_sae.named_parameters())[name], param), name
 
 
-# 7. the lean KL term (chunked, tail-only; training_terms.spliced_kl) equals the plain
+# 7. the lean KL term (chunked, tail-only; training.kl.spliced_kl) equals the plain
 #    full-logits KL(p_clean || p_spliced) in value and in its gradient wrt the SAE
 def _plain_spliced_kl(context: CausalTrainingContext, sae, tokens: torch.Tensor) -> torch.Tensor:
-    mask = tt.special_token_mask(tokens, context.special_ids)
+    mask = tail.special_token_mask(tokens, context.special_ids)
     with torch.no_grad():
         clean, cache = context.model.run_with_cache(tokens, names_filter=[context.hook_name])
     x = cache[context.hook_name]

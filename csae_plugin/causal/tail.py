@@ -350,3 +350,10 @@ def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """The SAE's latents f(x) [..., d_sae], dense, in the SAE's dtype, for x [..., d_in]."""
     f = sae.encode(x.to(sae.dtype))
     return f.to_dense() if f.is_sparse else f
+
+
+def special_token_mask(tokens: torch.Tensor, special_ids: torch.Tensor | None) -> torch.Tensor:
+    """True at positions that are scored: not BOS/EOS/padding."""
+    if special_ids is None or special_ids.numel() == 0:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    return ~torch.isin(tokens, special_ids.to(tokens.device))

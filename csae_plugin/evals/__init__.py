@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from csae_plugin.causal.tail import check_model_matches_sae
-from csae_plugin.loading import SAELoadError, check_sae_weights
+from csae_plugin.saes.loading import SAELoadError, check_sae_weights
 
 if TYPE_CHECKING:
     from sae_lens import SAE

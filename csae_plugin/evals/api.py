@@ -77,7 +77,7 @@ def evaluate_saes(
     ``model_kwargs`` go to the model loader (the SAEs' ``model_from_pretrained_kwargs``).
     """
     from csae_plugin.evals.nces import main as nces_main
-    from csae_plugin.loading import load_sae
+    from csae_plugin.saes.loading import load_sae
 
     names = check_evals(evals)
     if nces_config is None:

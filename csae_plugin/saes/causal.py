@@ -38,7 +38,7 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingS
 from typing_extensions import override
 
 if TYPE_CHECKING:
-    from csae_plugin.training.kl import CausalTrainingContext
+    from csae_plugin.training.context import CausalTrainingContext
 
 ARCHITECTURE = "causal"
 ACTIVATIONS = ("relu", "topk", "batchtopk")

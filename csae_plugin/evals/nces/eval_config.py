@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 from sae_bench.evals.base_eval_output import BaseEvalConfig
 
-from csae_plugin.interventions import DEFAULT_NULL, check_nulls
+from csae_plugin.causal import DEFAULT_NULL, check_nulls
 
 EMBEDDED_DATASET = "stdlib-docs"
 """``dataset`` value naming the embedded corpus (the Python stdlib's documentation)."""

@@ -25,6 +25,8 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from csae_plugin import models
+from csae_plugin.causal import latent_effects, reference_stats
+from csae_plugin.causal.nces import effects_details, nces_metrics, null_view
 from csae_plugin.data import corpus_splits
 from csae_plugin.evals import (
     EvalInputError,
@@ -43,9 +45,7 @@ from csae_plugin.evals.nces.eval_output import (
     NCESMetricCategories,
     NCESMetrics,
 )
-from csae_plugin.interventions import latent_effects, reference_stats
-from csae_plugin.loading import load_sae, load_sae_from_folder
-from csae_plugin.nces import effects_details, nces_metrics, null_view
+from csae_plugin.saes.loading import load_sae, load_sae_from_folder
 
 CUSTOM_SAE_ID = "custom_sae"
 """SAEBench's ``sae_id`` for an SAE passed in as an object (its result file name)."""

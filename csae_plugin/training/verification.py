@@ -29,14 +29,13 @@ import torch
 from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
-from csae_plugin.causal.tail import stop_after_hook
-from csae_plugin.interventions import latent_effects, reference_stats
-from csae_plugin.nces import effects_details, nces_metrics
-from csae_plugin.training_terms import special_token_mask
+from csae_plugin.causal import latent_effects, reference_stats
+from csae_plugin.causal.nces import effects_details, nces_metrics
+from csae_plugin.causal.tail import special_token_mask, stop_after_hook
 
 if TYPE_CHECKING:
     from csae_plugin.saes.causal import CausalTrainingSAE
-    from csae_plugin.training_terms import CausalTrainingContext
+    from csae_plugin.training.context import CausalTrainingContext
 
 FDR_LEVEL = 0.05
 """Benjamini-Hochberg level at which a latent counts as verified (as in the NCES eval)."""

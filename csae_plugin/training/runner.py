@@ -10,9 +10,9 @@ from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 
-from csae_plugin.checks import check_model_matches_sae
+from csae_plugin.causal.tail import check_model_matches_sae
 from csae_plugin.saes.causal import CausalTrainingSAE
-from csae_plugin.training_terms import CausalTrainingContext
+from csae_plugin.training.context import CausalTrainingContext
 
 
 class CausalSAETrainingRunner(LanguageModelSAETrainingRunner):

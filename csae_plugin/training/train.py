@@ -2,7 +2,7 @@
 
 The demo, the benchmarks and the comparison sweep all train the causal SAE and its baselines
 the same way: same model, hook, tokens, width, budget and learning rate, through
-:class:`~csae_plugin.runner.CausalSAETrainingRunner` (which behaves exactly like SAELens's
+:class:`~csae_plugin.training.runner.CausalSAETrainingRunner` (which behaves exactly like SAELens's
 runner for the baselines). This module only builds the configs; the training is SAELens's.
 """
 
@@ -27,8 +27,8 @@ from sae_lens.saes.sae import TrainingSAEConfig
 from transformer_lens import HookedTransformer
 
 from csae_plugin.data import as_hf_dataset
-from csae_plugin.runner import CausalSAETrainingRunner
 from csae_plugin.saes.causal import CausalTrainingSAEConfig
+from csae_plugin.training.runner import CausalSAETrainingRunner
 
 ARCHITECTURES = ("causal", "standard", "topk", "batchtopk", "jumprelu")
 """What :func:`sae_training_config` builds: the causal SAE and SAELens's baselines."""
@@ -131,7 +131,7 @@ def train_sae(
     """
     d_in = model.cfg.d_model if "resid" in hook_name else None
     if d_in is None:
-        from csae_plugin.checks import activation_shape
+        from csae_plugin.causal.tail import activation_shape
 
         d_in = int(torch.tensor(activation_shape(model, hook_name)).prod())
     cfg = LanguageModelSAERunnerConfig(

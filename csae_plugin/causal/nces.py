@@ -1,7 +1,7 @@
 """NCES maths: per-latent scores, significance and per-SAE metrics from effect arrays.
 
 Pure array code (numpy, scipy, pandas); the effects come from
-:func:`csae_plugin.interventions.latent_effects`. Definitions follow ``shared/design/nces.md``:
+:func:`csae_plugin.causal.engine.latent_effects`. Definitions follow ``shared/design/nces.md``:
 
 * ``NCES_i = sum_s E_i(s) / sum_s E_i^null(s)`` over the sequences where latent i fires,
   with ``E_i^null(s)`` the mean over the K null draws.

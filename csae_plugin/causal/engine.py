@@ -1,0 +1,357 @@
+"""Causal interventions on single SAE latents, and their effect on the model's output.
+
+The engine behind NCES (``shared/design/nces.md``). For each evaluated latent it takes the
+sequences in which the latent fires, changes only that latent (``zero``, ``mean``, ``resample``
+or ``steer``) with the SAE's error term kept, and measures KL(p_clean || p_intervened) over the
+positions from the first intervened one on. The null applies perturbations of the same size at
+the same positions along random directions (:data:`NULLS`): by default ones with the latent's
+own energy in each principal direction of the activations, randomised within.
+
+Many intervened copies (latents x sequences x {real, K null}) run at once through only the tail
+of the model after the hook (:mod:`csae_plugin.causal.tail`), and the KL is reduced one chunk
+of positions at a time, so peak memory depends on ``batch_size`` and the vocabulary, never on
+the number of latents.
+:func:`csae_plugin.causal.naive.naive_latent_effect` is the slow reference (one full hooked forward per variant) the
+engine is tested against number for number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from sae_lens import SAE
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from csae_plugin.causal.inputs import EngineInputs, capture_rows, prepare_inputs
+from csae_plugin.causal.interventions import (
+    DEFAULT_NULL,
+    check_intervention,
+    check_nulls,
+    decoder_directions,
+    intervened_positions,
+    latent_null_directions,
+    resample_values,
+)
+from csae_plugin.causal.reference_stats import ReferenceStats
+from csae_plugin.causal.tail import encode, log_probs, mean_kl, run_tail
+
+CLEAN_CACHE_BYTES = 512 * 2**20
+"""Budget for the clean logits kept per block of sequences (bounds sequences per block)."""
+
+ROW_CHUNK_BYTES = 256 * 2**20
+"""Budget for one chunk of intervened logits [rows, d_vocab] (bounds rows per unembedding)."""
+
+
+@dataclass
+class LatentEffects:
+    """Per-latent causal effects: [n_latents, seqs_per_latent] arrays padded with NaN (or -1).
+
+    ``effect[l, j]`` is E_i(s) in nats for latent ``latents[l]`` on token row ``sequences[l, j]``;
+    ``null_effects[l, j, n, k]`` the same for draw k of null ``nulls[n]``; ``null_per_draw``
+    is the first null's [l, j, k] and ``null`` its mean over draws; ``n_positions[l, j]`` the
+    number of intervened positions. A latent with ``n_sequences`` 0 never fired on the tokens
+    (dead).
+    """
+
+    latents: np.ndarray
+    effect: np.ndarray
+    null_effects: np.ndarray
+    sequences: np.ndarray
+    n_positions: np.ndarray
+    intervention: str
+    null_draws: int
+    alpha: float
+    nulls: tuple[str, ...] = (DEFAULT_NULL,)
+
+    @property
+    def null_per_draw(self) -> np.ndarray:
+        """The first null's effects per draw [n_latents, seqs_per_latent, K]."""
+        return self.null_effects[:, :, 0, :]
+
+    def for_null(self, null: str) -> LatentEffects:
+        """These effects with ``null`` (one of ``nulls``) as the only null."""
+        if null not in self.nulls:
+            raise ValueError(f"null {null!r} was not run; these effects have {self.nulls}")
+        n = self.nulls.index(null)
+        return replace(self, null_effects=self.null_effects[:, :, n : n + 1], nulls=(null,))
+
+    @property
+    def null(self) -> np.ndarray:
+        """Null effect per sequence, averaged over the K draws: E_i^null(s)."""
+        return self.null_per_draw.mean(axis=-1)
+
+    @property
+    def n_sequences(self) -> np.ndarray:
+        """Sequences evaluated per latent (0 = dead on these tokens)."""
+        return (self.sequences >= 0).sum(axis=1)
+
+
+def latent_effects(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: torch.Tensor,
+    latents: Sequence[int] | torch.Tensor | np.ndarray,
+    stats: ReferenceStats,
+    *,
+    intervention: str = "zero",
+    null_draws: int = 8,
+    seqs_per_latent: int = 16,
+    alpha: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    bos_token_id: int | None = None,
+    progress: bool = True,
+    null: str | Sequence[str] = DEFAULT_NULL,
+) -> LatentEffects:
+    """Effects E_i(s) and null effects of intervening on each of ``latents``, batched.
+
+    Each latent is evaluated on the first ``seqs_per_latent`` rows of ``tokens`` in which it
+    fires (at a non-BOS, non-pad position); pass shuffled tokens for a random sample.
+    ``batch_size`` is the number of sequence copies per tail forward. ``alpha`` scales the
+    ``steer`` intervention (f' = f + alpha * max_act). ``bos_token_id`` defaults to the model
+    tokenizer's; position 0 holding it is never intervened nor scored. ``null`` names one or
+    more of :data:`NULLS` (a sequence or 'matched,covariance'): each gets ``null_draws``
+    copies per sequence, sharing the real copy.
+    """
+    check_intervention(intervention)
+    nulls = check_nulls(null)
+    setup = prepare_inputs(model, sae, tokens, bos_token_id)
+    latent_ids = _check_latents(latents, sae.cfg.d_sae)
+    if null_draws < 1 or seqs_per_latent < 1 or batch_size < 1:
+        raise ValueError(
+            f"null_draws={null_draws}, seqs_per_latent={seqs_per_latent} and "
+            f"batch_size={batch_size} must all be >= 1"
+        )
+    n_lat = len(latent_ids)
+    effects = LatentEffects(
+        latents=latent_ids.numpy(),
+        effect=np.full((n_lat, seqs_per_latent), np.nan),
+        null_effects=np.full((n_lat, seqs_per_latent, len(nulls), null_draws), np.nan),
+        sequences=np.full((n_lat, seqs_per_latent), -1, dtype=np.int64),
+        n_positions=np.zeros((n_lat, seqs_per_latent), dtype=np.int64),
+        intervention=intervention,
+        null_draws=null_draws,
+        alpha=alpha,
+        nulls=nulls,
+    )
+    with torch.no_grad():
+        effects.sequences[:] = _select_sequences(setup, latent_ids, seqs_per_latent, batch_size)
+        bar = tqdm(total=n_lat, desc=f"NCES {intervention}", unit="latent", disable=not progress)
+        _run_effects(setup, stats, effects, batch_size, seed, bar)
+        bar.close()
+    return effects
+
+
+def _check_latents(latents: Sequence[int] | torch.Tensor | np.ndarray, d_sae: int) -> torch.Tensor:
+    ids = torch.as_tensor(np.asarray(latents, dtype=np.int64)).reshape(-1)
+    bad = ids[(ids < 0) | (ids >= d_sae)]
+    if len(bad):
+        raise ValueError(
+            f"latent index {int(bad[0])} out of range: the SAE has d_sae={d_sae} latents"
+        )
+    return ids
+
+
+def _select_sequences(
+    setup: EngineInputs, latents: torch.Tensor, per_latent: int, batch_size: int
+) -> np.ndarray:
+    """For each latent, the first ``per_latent`` token rows where it fires (-1 padded)."""
+    chosen = np.full((len(latents), per_latent), -1, dtype=np.int64)
+    count = np.zeros(len(latents), dtype=np.int64)
+    n_seq = setup.tokens.shape[0]
+    for start in range(0, n_seq, batch_size):
+        rows = torch.arange(start, min(start + batch_size, n_seq))
+        x, _ = capture_rows(setup, rows)
+        f = encode(setup.sae, x).float()
+        valid = setup.valid[rows].to(f.device)
+        fires = ((f > 0) & valid[..., None]).any(dim=1)[:, latents.to(f.device)].cpu().numpy()
+        for b, row in enumerate(rows.tolist()):
+            need = fires[b] & (count < per_latent)
+            chosen[need, count[need]] = row
+            count[need] += 1
+        if (count >= per_latent).all():
+            break
+    return chosen
+
+
+def _run_effects(
+    setup: EngineInputs,
+    stats: ReferenceStats,
+    effects: LatentEffects,
+    batch_size: int,
+    seed: int,
+    bar: tqdm,
+) -> None:
+    """Fill ``effects.effect``/``null_per_draw``/``n_positions``, one block of sequences at a time."""
+    lat_idx, slot = np.nonzero(effects.sequences >= 0)
+    seq = effects.sequences[lat_idx, slot]
+    order = np.argsort(seq, kind="stable")
+    lat_idx, slot, seq = lat_idx[order], slot[order], seq[order]
+    remaining = effects.n_sequences.copy()
+    bar.update(int((remaining == 0).sum()))
+    n_ctx = setup.tokens.shape[1]
+    d_vocab = setup.model.cfg.d_vocab
+    per_block = int(np.clip(CLEAN_CACHE_BYTES // (n_ctx * d_vocab * 4), 1, batch_size))
+    unique = np.unique(seq)
+    for b0 in range(0, len(unique), per_block):
+        block = unique[b0 : b0 + per_block]
+        in_block = (seq >= block[0]) & (seq <= block[-1])
+        local = np.searchsorted(block, seq[in_block])
+        latents = effects.latents[lat_idx[in_block]]
+        per_row = [latents[local == r] for r in range(len(block))]
+        clean = _CleanBlock.build(setup, torch.as_tensor(block), per_row, effects.intervention)
+        pairs = list(zip(lat_idx[in_block], slot[in_block], local, strict=True))
+        _run_pairs(setup, stats, effects, clean, pairs, batch_size, seed)
+        del clean  # before the next block is built: one block in memory at a time
+        for li in lat_idx[in_block]:
+            remaining[li] -= 1
+            if remaining[li] == 0:
+                bar.update(1)
+
+
+@dataclass
+class _CleanBlock:
+    """Clean quantities for a block of token rows: x, tail input, f, masks, and the clean
+    log-probabilities at the positions some copy will score (``index`` maps [row, t] to a row
+    of ``logprobs``, -1 where not kept)."""
+
+    rows: torch.Tensor
+    x: torch.Tensor  # [b, T, d_in]
+    start_input: torch.Tensor
+    f: torch.Tensor  # [b, T, d_sae]
+    valid: torch.Tensor  # [b, T]
+    attention_mask: torch.Tensor | None
+    logprobs: torch.Tensor  # [n_kept, V] float32
+    index: torch.Tensor  # [b, T] long
+
+    @classmethod
+    def build(
+        cls,
+        setup: EngineInputs,
+        rows: torch.Tensor,
+        latents_per_row: list[np.ndarray],
+        intervention: str,
+    ) -> _CleanBlock:
+        x, start_input = capture_rows(setup, rows)
+        f = encode(setup.sae, x).float()
+        valid = setup.valid[rows].to(x.device)
+        mask = None if setup.attention_mask is None else setup.attention_mask[rows]
+        b, n_ctx, _ = x.shape
+        first = torch.full((b,), n_ctx, device=x.device)
+        for r, latents in enumerate(latents_per_row):
+            hit = intervened_positions(intervention, f[r][:, latents], valid[r][:, None]).any(1)
+            if hit.any():
+                first[r] = hit.nonzero()[0, 0]
+        kept = valid & (torch.arange(n_ctx, device=x.device)[None, :] >= first[:, None])
+        h = run_tail(setup.model, setup.plan, start_input, x, mask)[kept]
+        index = torch.full((b, n_ctx), -1, dtype=torch.long, device=x.device)
+        index[kept] = torch.arange(h.shape[0], device=x.device)
+        logprobs = log_probs(setup.model, h, _row_chunk(setup))
+        return cls(rows, x, start_input, f, valid, mask, logprobs, index)
+
+
+def _row_chunk(setup: EngineInputs) -> int:
+    return max(1, ROW_CHUNK_BYTES // (setup.model.cfg.d_vocab * 4))
+
+
+def _run_pairs(
+    setup: EngineInputs,
+    stats: ReferenceStats,
+    effects: LatentEffects,
+    clean: _CleanBlock,
+    pairs: list[tuple[int, int, int]],
+    batch_size: int,
+    seed: int,
+) -> None:
+    """Evaluate (latent, slot, local row) pairs: 1 real + K copies per null each, in batches."""
+    n_var = 1 + len(effects.nulls) * effects.null_draws
+    copies = [(p, v) for p in range(len(pairs)) for v in range(n_var)]
+    for c0 in range(0, len(copies), batch_size):
+        batch = copies[c0 : c0 + batch_size]
+        coeff, dirs, t0 = _batch_perturbations(setup, stats, effects, clean, pairs, batch, seed)
+        rows = clean.x.new_tensor([pairs[p][2] for p, _ in batch], dtype=torch.long)
+        delta = coeff[:, :, None] * dirs[:, None, :]
+        spliced = clean.x[rows] + delta
+        mask = None if clean.attention_mask is None else clean.attention_mask[rows]
+        h = run_tail(setup.model, setup.plan, clean.start_input[rows], spliced, mask)
+        positions = torch.arange(h.shape[1], device=h.device)
+        scored = clean.valid[rows] & (positions[None, :] >= t0[:, None])
+        kl = mean_kl(setup.model, clean.logprobs, clean.index[rows], h, scored, _row_chunk(setup))
+        kl[(delta == 0).flatten(1).all(1).cpu()] = 0.0  # nothing changed: the clean forward
+        for (p, v), value in zip(batch, kl.tolist(), strict=True):
+            li, j, _ = pairs[p]
+            if v == 0:
+                effects.effect[li, j] = value
+            else:
+                n, k = divmod(v - 1, effects.null_draws)
+                effects.null_effects[li, j, n, k] = value
+
+
+def _batch_perturbations(
+    setup: EngineInputs,
+    stats: ReferenceStats,
+    effects: LatentEffects,
+    clean: _CleanBlock,
+    pairs: list[tuple[int, int, int]],
+    batch: list[tuple[int, int]],
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per copy: coefficients f' - f [C, T], direction [C, d_in], first intervened position [C].
+
+    Variant 0 (real) moves along d_i; null variant 1 + n K + k along ||d_i|| u_k of null n, so
+    every position keeps the real perturbation's norm and sign.
+    """
+    device = clean.x.device
+    pair_ids = sorted({p for p, _ in batch})
+    latents = sorted({pairs[p][0] for p in pair_ids})
+    lat_ids = torch.as_tensor(effects.latents[latents])
+    d = decoder_directions(setup.sae, lat_ids).to(device)
+    directions = {}
+    for k, li in enumerate(latents):
+        nulls = [
+            latent_null_directions(stats, int(lat_ids[k]), effects.null_draws, seed, name, d[k])
+            for name in effects.nulls
+        ]
+        directions[li] = torch.cat([d[k : k + 1], d[k].norm() * torch.cat(nulls).to(device)])
+    per_pair = {}
+    for p in pair_ids:
+        li, j, row = pairs[p]
+        coeff, positions = _coefficients(stats, effects, clean, int(effects.latents[li]), row, seed)
+        effects.n_positions[li, j] = int(positions.sum())
+        first = positions.nonzero()
+        per_pair[p] = (coeff, int(first[0]) if len(first) else positions.shape[0])
+    coeffs = torch.stack([per_pair[p][0] for p, _ in batch])
+    dirs = torch.stack([directions[pairs[p][0]][v] for p, v in batch])
+    t0 = torch.tensor([per_pair[p][1] for p, _ in batch], device=device)
+    return coeffs, dirs, t0
+
+
+def _coefficients(
+    stats: ReferenceStats,
+    effects: LatentEffects,
+    clean: _CleanBlock,
+    latent: int,
+    row: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """f'_t - f_t on local ``row`` (0 where not intervened) [T], and the intervened positions.
+
+    Intervened: the active non-special positions; for ``steer`` every non-special position.
+    """
+    f_i = clean.f[row, :, latent]
+    kind = effects.intervention
+    positions = intervened_positions(kind, f_i, clean.valid[row])
+    if kind == "zero":
+        target = torch.zeros_like(f_i)
+    elif kind == "mean":
+        target = torch.full_like(f_i, float(stats.mean_act[latent]))
+    elif kind == "resample":
+        sequence = int(clean.rows[row])
+        target = resample_values(stats, latent, sequence, f_i.shape[0], seed).to(f_i)
+    else:
+        target = f_i + effects.alpha * float(stats.max_act[latent])
+    return torch.where(positions, target - f_i, 0.0), positions

@@ -1,0 +1,63 @@
+"""What the causal SAE's model-dependent terms need from the runner.
+
+:class:`CausalTrainingContext` holds the frozen model and a source of token sequences; the
+runner creates it and attaches it to the training SAE, which calls :meth:`kl_term` (term 3,
+:mod:`csae_plugin.training.kl`) and :meth:`verify` (term 4,
+:mod:`csae_plugin.training.verification`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sae_lens.training.activation_scaler import ActivationScaler
+from transformer_lens import HookedTransformer
+
+from csae_plugin.causal.tail import HookPlan, parse_hook
+from csae_plugin.training.kl import spliced_kl
+from csae_plugin.training.verification import verify_and_act
+
+if TYPE_CHECKING:
+    from csae_plugin.saes.causal import CausalTrainingSAE
+
+
+@dataclass
+class CausalTrainingContext:
+    """What the causal SAE needs from the runner: the frozen model and token sequences."""
+
+    model: HookedTransformer
+    hook_name: str
+    next_tokens: Callable[[int], torch.Tensor]
+    special_ids: torch.Tensor | None = None
+    scaler: ActivationScaler = field(default_factory=ActivationScaler)
+    verify_tokens: torch.Tensor | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    _next_latent: int = 0
+    plan: HookPlan = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.plan = parse_hook(self.hook_name)  # an unsupported hook fails before training
+
+    def spliced_kl(self, sae: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """KL(p_clean || p_spliced) on ``tokens`` (:func:`csae_plugin.training.kl.spliced_kl`)."""
+        return spliced_kl(self.model, self.plan, sae, tokens, self.special_ids, self.scaler)
+
+    def kl_term(self, sae: CausalTrainingSAE) -> torch.Tensor:
+        tokens = self.next_tokens(sae.cfg.kl_batch_size)
+        return self.spliced_kl(sae, tokens)
+
+    def verify(
+        self,
+        sae: CausalTrainingSAE,
+        dead_neuron_mask: torch.Tensor | None,
+        step: int | None = None,
+    ) -> dict[str, float]:
+        """Causal verification (term 4); the result, with its training ``step``, is appended
+        to :attr:`history`."""
+        result = verify_and_act(self, sae, dead_neuron_mask)
+        self.history.append({"step": step, **result})
+        return result

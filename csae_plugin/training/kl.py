@@ -1,0 +1,111 @@
+"""Term 3 of csae.md: KL(p_clean || p_spliced), the model's output with the SAE's reconstruction
+spliced in at the hook against the clean one, differentiable in the SAE and reduced in chunks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sae_lens.training.activation_scaler import ActivationScaler
+from transformer_lens import HookedTransformer
+from transformer_lens.utilities.activation_functions import softcap_enabled
+
+from csae_plugin.causal.tail import HookPlan, capture, padding_masks, run_tail, special_token_mask
+
+
+def kl_clean_vs_spliced(
+    clean_logits: torch.Tensor, spliced_logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean over scored positions of KL(p_clean || p_spliced), in nats."""
+    clean_logp = F.log_softmax(clean_logits.float(), dim=-1)
+    spliced_logp = F.log_softmax(spliced_logits.float(), dim=-1)
+    kl = F.kl_div(spliced_logp, clean_logp, log_target=True, reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+KL_CHUNK_BYTES = 64 * 2**20
+"""Budget for one chunk of logits [rows, d_vocab] in the KL term (bounds its peak memory)."""
+
+
+class _LeanKL(torch.autograd.Function):
+    """Mean over rows of KL(p_clean || p_spliced) from final residuals, one chunk of rows at a
+    time, so the [rows, d_vocab] logits never exist all at once.
+
+    The result is a scalar, so its gradient wrt the spliced residual, ``(q - p) @ W_U.T`` per
+    row (times the softcap's derivative), is computed in the same chunked pass when needed and
+    only scaled in :meth:`backward`; nothing vocabulary-sized is kept for the backward pass.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h: torch.Tensor,
+        clean_h: torch.Tensor,
+        w_u: torch.Tensor,
+        b_u: torch.Tensor,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        n_rows = h.shape[0]
+        cap = softcap if softcap_enabled(softcap) else None
+        grad = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        step = max(1, KL_CHUNK_BYTES // (4 * w_u.shape[1]))
+        for r in range(0, n_rows, step):
+            logp = _capped(torch.addmm(b_u, clean_h[r : r + step], w_u), cap).log_softmax(-1)
+            zq = _capped(torch.addmm(b_u, h[r : r + step], w_u), cap)
+            logq = zq.log_softmax(-1)
+            p = logp.exp()
+            total += torch.linalg.vecdot(p, logp.sub_(logq)).double().sum()
+            if grad is not None:
+                dz = logq.exp_().sub_(p)  # dKL/dz_spliced = q - p
+                if cap is not None:
+                    dz.mul_(1 - (zq / cap).square())
+                grad[r : r + step] = dz @ w_u.T
+        denom = max(n_rows, 1)
+        ctx.save_for_backward(None if grad is None else grad / denom)
+        return (total / denom).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad_output * grad), None, None, None, None
+
+
+def _capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
+
+
+def spliced_kl(
+    model: HookedTransformer,
+    plan: HookPlan,
+    sae: torch.nn.Module,
+    tokens: torch.Tensor,
+    special_ids: torch.Tensor | None = None,
+    scaler: ActivationScaler | None = None,
+) -> torch.Tensor:
+    """KL(p_clean || p_spliced) with the SAE's reconstruction spliced in at the hook at every
+    scored position (BOS/padding keep their clean activation). Differentiable in the SAE.
+
+    The model runs once up to the hook, and the clean and spliced passes only from there
+    (:mod:`csae_plugin.causal.tail`); the KL is reduced chunk by chunk (:class:`_LeanKL`),
+    so its cost is the layers after the hook plus three unembeddings of the scored rows.
+    """
+    scaler = scaler or ActivationScaler()
+    tokens = tokens.to(model.cfg.device)
+    mask = special_token_mask(tokens, special_ids)
+
+    def splice(x: torch.Tensor) -> torch.Tensor:
+        recon = scaler.unscale(sae.decode(sae.encode(scaler.scale(x))))
+        keep = mask.reshape(*mask.shape, *([1] * (x.ndim - 2)))
+        return torch.where(keep, recon.reshape(x.shape).to(x.dtype), x)
+
+    _, attention_mask = padding_masks(model, tokens)
+    with torch.no_grad():
+        x, start_input = capture(model, plan, tokens, attention_mask)
+        clean_h = run_tail(model, plan, start_input, x, attention_mask)[mask]
+    spliced_h = run_tail(model, plan, start_input, splice(x), attention_mask)[mask]
+    unembed = model.unembed
+    return _LeanKL.apply(
+        spliced_h, clean_h.detach(), unembed.W_U, unembed.b_U, model.cfg.output_logits_soft_cap
+    )
