@@ -1,4 +1,4 @@
-"""One workaround for the pinned dependency set, in one place.
+"""Workarounds for the pinned dependency set, in one place.
 
 sae-bench pins ``datasets < 4``. datasets 3.x formats torch tensors through
 ``from torchvision.io import VideoReader`` whenever torchvision is importable, and torchvision
@@ -8,9 +8,45 @@ Telling datasets that torchvision is unavailable makes it format plain tensors, 
 plugin needs.
 """
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
 import datasets.config
 
 
 def patch_datasets_torchvision() -> None:
     """Stop datasets 3.x from importing the removed ``torchvision.io.VideoReader``."""
     datasets.config.TORCHVISION_AVAILABLE = False
+
+
+LIBRARY_NOTICES = (
+    # SAELens's activations store builds batches with torch.tensor(tensor); harmless
+    "To copy construct from a tensor",
+    # SAELens's advice to load the model with the SAE's kwargs: the plugin loads the model with them itself
+    "This SAE has non-empty model_from_pretrained_kwargs",
+    # SAELens's runner on override_model / override_dataset, which train_sae always passes
+    "You just passed in a",
+)
+"""Library warnings and log lines that say nothing to a user of this package."""
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(LIBRARY_NOTICES)
+
+
+@contextlib.contextmanager
+def quiet_library_notices() -> Iterator[None]:
+    """Silence :data:`LIBRARY_NOTICES` (and only them) for the duration."""
+    sae_lens_logger = logging.getLogger("sae_lens")
+    notices = _DropNotices()
+    sae_lens_logger.addFilter(notices)
+    try:
+        with warnings.catch_warnings():
+            for text in LIBRARY_NOTICES:
+                warnings.filterwarnings("ignore", message=rf"\s*{text}", category=UserWarning)
+            yield
+    finally:
+        sae_lens_logger.removeFilter(notices)

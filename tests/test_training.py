@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import BOS, make_tiny_model, make_tokens
@@ -45,3 +47,25 @@ def test_every_architecture_trains_saves_and_loads(tmp_path, architecture):
 def test_unknown_architecture_is_a_one_line_error():
     with pytest.raises(ValueError, match="unknown architecture 'gated-ish'; choose one of"):
         sae_training_config(TrainSpec("gated-ish", 64), 32, HOOK)
+
+
+def test_train_sae_output_has_no_library_notices(tmp_path, caplog, recwarn):
+    """The SAELens warnings and log lines a user of train_sae cannot act on are silenced (and
+    nothing else): torch.tensor copies, model_from_pretrained_kwargs advice, override notes."""
+    from csae_plugin._compat import LIBRARY_NOTICES
+
+    model, tokens = make_tiny_model(), make_tokens(64, seed=5)
+    with caplog.at_level(logging.INFO, logger="sae_lens"):
+        train_sae(
+            model,
+            HOOK,
+            tokens,
+            TrainSpec("causal", d_sae=64, k=4),
+            training_tokens=64 * 8,
+            output_path=tmp_path,
+            batch_size_tokens=64,
+            exclude_special_tokens=[BOS],
+            norm_estimate_batches=2,
+        )
+    said = [str(w.message).strip() for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [s for s in said if s.startswith(LIBRARY_NOTICES)], said

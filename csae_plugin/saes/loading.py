@@ -10,6 +10,8 @@ from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.registry import SAE_CLASS_REGISTRY
 
+from csae_plugin._compat import quiet_library_notices
+
 
 class SAELoadError(ValueError):
     """An SAE could not be loaded; the message says why and what to do."""
@@ -62,7 +64,8 @@ def load_sae_from_folder(path: str | Path, device: str = "cpu") -> SAE:
     if isinstance(k, float) and not k.is_integer():
         raise SAELoadError(f"{where} has k={k} in {SAE_CFG_FILENAME}; k must be a whole number")
     try:
-        sae = SAE.load_from_disk(folder, device=device)
+        with quiet_library_notices():  # the evals load the model with the SAE's kwargs
+            sae = SAE.load_from_disk(folder, device=device)
     except Exception as err:  # safetensors/torch raise many types for a damaged file
         raise SAELoadError(
             f"{where} could not be loaded ({type(err).__name__}: "
@@ -88,7 +91,8 @@ def load_sae(spec: str, device: str = "cpu") -> tuple[SAE, str, str]:
             "pass a saved SAE folder or a SAELens release and id"
         )
     try:
-        sae = SAE.from_pretrained(release, sae_id, device=device)
+        with quiet_library_notices():
+            sae = SAE.from_pretrained(release, sae_id, device=device)
     except Exception as err:
         raise SAELoadError(
             f"SAELens release {release!r} / id {sae_id!r} could not be loaded "

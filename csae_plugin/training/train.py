@@ -8,6 +8,7 @@ runner for the baselines). This module only builds the configs; the training is 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from sae_lens.config import LoggingConfig
 from sae_lens.saes.sae import TrainingSAEConfig
 from transformer_lens import HookedTransformer
 
+from csae_plugin._compat import quiet_library_notices
 from csae_plugin.data import as_hf_dataset
 from csae_plugin.saes.causal import CausalTrainingSAEConfig
 from csae_plugin.training.runner import CausalSAETrainingRunner
@@ -97,9 +99,11 @@ class _MeanInitRunner(CausalSAETrainingRunner):
         batch = torch.cat([next(trainer.data_provider) for _ in range(4)])
         with torch.no_grad():
             self.sae.b_dec.copy_(scaler.scale(batch).mean(0).to(self.sae.b_dec))
-        # SAELens moves its bar every 100 steps; short runs would show 0% to the end.
+        # SAELens moves its bar every 100 steps; short runs would show 0% to the end. Into a
+        # log file (not a terminal) every move is a new chunk of text: move it 10 times only.
         steps = self.cfg.total_training_steps
-        trainer._update_pbar = partial(trainer._update_pbar, update_interval=max(1, steps // 50))
+        moves = 50 if sys.stderr.isatty() else 10
+        trainer._update_pbar = partial(trainer._update_pbar, update_interval=max(1, steps // moves))
         return super().run_trainer_with_interruption_handling(trainer)
 
 
@@ -160,11 +164,12 @@ def train_sae(
         verbose=False,
     )
     torch.manual_seed(seed)  # SAELens's runner seeds its data shuffles, not the SAE's init
-    runner = _MeanInitRunner(
-        cfg,
-        override_model=model,
-        override_dataset=as_hf_dataset(tokens),
-        verify_tokens=verify_tokens,
-    )
-    runner.run()
-    return SAE.load_from_disk(output_path, device=device), runner
+    with quiet_library_notices():
+        runner = _MeanInitRunner(
+            cfg,
+            override_model=model,
+            override_dataset=as_hf_dataset(tokens),
+            verify_tokens=verify_tokens,
+        )
+        runner.run()
+        return SAE.load_from_disk(output_path, device=device), runner
