@@ -33,17 +33,18 @@ METRICS = (
 )
 TOLERANCES = {
     "l0": ("relative", 0.10),
-    "explained_variance": ("absolute", 0.05),
-    "ce_loss_score": ("absolute", 0.05),
-    "kl_div_score": ("absolute", 0.05),
-    "nces_geomean": ("relative", 0.30),
-    "frac_verified": ("absolute", 0.30),
+    "explained_variance": ("absolute", 0.03),
+    "ce_loss_score": ("absolute", 0.03),
+    "kl_div_score": ("absolute", 0.03),
+    "nces_geomean": ("relative", 0.20),
+    "frac_verified": ("absolute", 0.20),
 }
-"""Run-to-run spread measured on this CPU at the ci settings (training is not bit-reproducible
-here yet): the causal SAE's CE-loss score 0.858 / 0.839 / 0.841 / 0.810 and KL-div score
-0.824 / 0.809 / 0.786 over four runs, its fraction verified (matched null) 0.00 / 0.21 and
-geometric-mean NCES 1.27 / 1.31 over two; TopK's moves less (CE-loss 0.883-0.897)."""
-ADVANTAGE_DROP = 0.30
+"""On this CPU two runs are now bit-identical (same seed: SAE weights and result JSON, measured at
+Gemma scale; ``tests/test_reproducible.py`` holds it on the tiny model), so what the tolerances
+allow for is another CPU's floating point, which is unmeasured: they are set at about half the
+run-to-run spread measured before training was seeded (causal CE-loss score 0.810-0.858,
+frac_verified 0.00 / 0.21, geometric-mean NCES 1.27 / 1.31)."""
+ADVANTAGE_DROP = 0.20
 """How much causal frac_verified minus TopK frac_verified may fall below the reference's."""
 
 
