@@ -28,6 +28,9 @@ LIBRARY_NOTICES = (
     "This SAE has non-empty model_from_pretrained_kwargs",
     # SAELens's runner on override_model / override_dataset, which train_sae always passes
     "You just passed in a",
+    # SAELens compares the dataset's rows with the training *tokens* (2885 rows of 128 tokens
+    # "are fewer than" 40000); a real shortfall still says "beginning new epoch"
+    "The training dataset contains fewer samples",
 )
 """Library warnings and log lines that say nothing to a user of this package."""
 

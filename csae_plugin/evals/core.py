@@ -34,6 +34,7 @@ from sae_lens import SAE
 from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens import HookedTransformer
 
+from csae_plugin._compat import quiet_library_notices
 from csae_plugin.causal.tail import stop_after_hook
 from csae_plugin.data import as_hf_dataset
 from csae_plugin.evals import atomic_path, results_path, sae_bench_version, validate_inputs
@@ -120,14 +121,15 @@ def run_core(
     _, sae, _ = load_and_format_sae(release, sae, str(model.cfg.device))
     sae = sae.to(device=model.cfg.device, dtype=model.cfg.dtype)
 
-    scalar_metrics, feature_metrics = run_evals(
-        sae=sae,
-        activation_store=_activation_store(model, sae, tokens, config),
-        model=model,
-        eval_config=config,
-        ignore_tokens=special_token_ids(model, bos_token_id),
-        verbose=progress,
-    )
+    with quiet_library_notices():  # SAELens's activations store copies with torch.tensor
+        scalar_metrics, feature_metrics = run_evals(
+            sae=sae,
+            activation_store=_activation_store(model, sae, tokens, config),
+            model=model,
+            eval_config=config,
+            ignore_tokens=special_token_ids(model, bos_token_id),
+            verbose=progress,
+        )
     eval_metrics: dict[str, Any] = {
         "unique_id": f"{release}_{sae_id}",
         "sae_set": release,
