@@ -149,7 +149,7 @@ def test_resample_reinitialises_only_the_dead_latents_and_their_adam_state(tiny_
 
 
 # 4. reweight raises the L1 weight of inert latents that fire, relaxes verified ones, and
-#    scales the L1 term (its config validation for non-relu SAEs is in test_causal_sae.py)
+#    scales the L1 term (its config validation for non-relu SAEs is in test_saes.py)
 def test_reweight_raises_l1_weights_of_inert_latents_only():
     sae = CausalTrainingSAE(causal_cfg("relu", verify_action="reweight"))
     with torch.no_grad():
