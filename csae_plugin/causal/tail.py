@@ -261,16 +261,14 @@ def run_tail(
     def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return spliced.reshape(act.shape)
 
+    start = plan.start if plan.kind == "block" else None  # "full": from the tokens
     with model.hooks(fwd_hooks=[(plan.hook_name, replace)]):
-        if plan.kind == "block":
-            resid = model(
-                start_input,
-                start_at_layer=plan.start,
-                stop_at_layer=n_layers,
-                attention_mask=attention_mask,
-            )
-        else:
-            resid = model(start_input, stop_at_layer=n_layers, attention_mask=attention_mask)
+        resid = model(
+            start_input,
+            start_at_layer=start,
+            stop_at_layer=n_layers,
+            attention_mask=attention_mask,
+        )
         return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
 
 

@@ -315,10 +315,7 @@ class CausalStandardTrainingSAE(CausalTrainingSAE, StandardTrainingSAE):
         super().process_state_dict_for_saving_inference(state_dict)
         state_dict.pop("l1_weights")
         # ReLU commutes with a positive scale: folding the decoder norms is exact
-        norms = self.get_W_dec_norm()
-        state_dict["W_dec"] = state_dict["W_dec"] / norms[:, None]
-        state_dict["W_enc"] = state_dict["W_enc"] * norms[None, :]
-        state_dict["b_enc"] = state_dict["b_enc"] * norms
+        fold_decoder_norms(state_dict)
 
 
 VARIANTS: dict[str, type[CausalTrainingSAE]] = {
@@ -326,3 +323,13 @@ VARIANTS: dict[str, type[CausalTrainingSAE]] = {
     "batchtopk": CausalBatchTopKTrainingSAE,
     "relu": CausalStandardTrainingSAE,
 }
+
+
+def fold_decoder_norms(state_dict: dict[str, Any]) -> None:
+    """Give ``W_dec``'s rows unit norm, moving each norm into ``W_enc``'s column and ``b_enc``
+    (in place): encode x decode is unchanged for TopK-on-rescaled, ReLU and JumpReLU SAEs whose
+    pre-activations are in units of a unit-norm decoder row."""
+    norms = state_dict["W_dec"].norm(dim=-1).clamp(min=1e-8)
+    state_dict["W_dec"] = state_dict["W_dec"] / norms[:, None]
+    state_dict["W_enc"] = state_dict["W_enc"] * norms[None, :]
+    state_dict["b_enc"] = state_dict["b_enc"] * norms

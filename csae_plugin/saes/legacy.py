@@ -17,7 +17,12 @@ from sae_lens.registry import get_sae_class
 from sae_lens.saes.sae import SAE, SAEConfig
 from typing_extensions import override
 
-from csae_plugin.saes.causal import ARCHITECTURE, INFERENCE_CONFIGS, Activation
+from csae_plugin.saes.causal import (
+    ARCHITECTURE,
+    INFERENCE_CONFIGS,
+    Activation,
+    fold_decoder_norms,
+)
 
 
 @dataclass
@@ -60,9 +65,6 @@ class CausalSAE(SAE[CausalSAEConfig]):
 def _fold_decoder_norms(module: SAE[Any], state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     if prefix or "W_dec" not in state_dict:
         return
-    norms = state_dict["W_dec"].norm(dim=-1).clamp(min=1e-8)
-    state_dict["W_dec"] = state_dict["W_dec"] / norms[:, None]
-    state_dict["W_enc"] = state_dict["W_enc"] * norms[None, :]
-    state_dict["b_enc"] = state_dict["b_enc"] * norms
+    fold_decoder_norms(state_dict)
     if "threshold" not in state_dict and hasattr(module, "threshold"):
         state_dict["threshold"] = torch.zeros_like(state_dict["b_enc"])
