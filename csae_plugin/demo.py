@@ -126,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=out / "eval_results",
             device=args.device,
             nces_overrides=nces | {"latents": latents},
+            # the SAEs were just (re)trained: a result left by an earlier run is stale
+            force_rerun=True,
         )
 
     score(["core", "nces"], folders, args.latents)
+    ran = {folder.name for folder in folders}
     if args.reference_latents > 0:
         from csae_plugin.evals.reference_saes import save_reference_saes
 
@@ -143,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             bos_token_id=bos,
         )
         score(["nces"], references, args.reference_latents)
+        ran |= {Path(folder).name for folder in references}
+    # this run's SAEs only, not results an earlier run left in the same folder
     table = load_results([out / "eval_results"])
+    table = table.loc[[name for name in table.index if name in ran]]
     table["train_seconds"] = [train_seconds.get(name, float("nan")) for name in table.index]
     # how many latents each fraction is over: scored, and live among them
     table["n_scored"] = table["n_latents_evaluated"]

@@ -19,6 +19,13 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
     argv += ["--training-tokens", "2048", "--context-size", "16", "--eval-context", "16"]
     argv += ["--latents", "4", "--reference-latents", "3", "--n-eval-sequences", "8"]
     argv += ["--null-draws", "2", "--seqs-per-latent", "2", "--device", "cpu"]
+    # an earlier run's results in the same folder: one for an SAE this run retrains, one for
+    # an SAE it does not train; neither may reach the table
+    for name, l0 in (("topk_64_k4", 12345.0), ("old_sae", 1.0)):
+        stale = tmp_path / "eval_results" / "core" / f"local_{name}_eval_results.json"
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        result = {"sae_lens_release_id": "local", "sae_lens_id": name}
+        stale.write_text(json.dumps(result | {"eval_result_metrics": {"sparsity": {"l0": l0}}}))
     assert demo.main([*argv, "--output-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "comparison.csv", index_col="sae")
     references = [f"reference_{k}" for k in ("random-isotropic", "random-covariance")]
@@ -26,7 +33,7 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
     assert sorted(table.index) == sorted(["causal_64_k4", "topk_64_k4", *references])
     assert (table.loc[["causal_64_k4", "topk_64_k4"], "n_scored"] == 4).all()
     assert (table.loc[references, "n_scored"] == 3).all()
-    assert table.loc["topk_64_k4", "l0"] > 0 and table.loc[references, "l0"].isna().all()
+    assert 0 < table.loc["topk_64_k4", "l0"] <= 4 and table.loc[references, "l0"].isna().all()
     assert {"nces_geomean", "frac_verified", "mean_effect_kl", "n_live"} <= set(table.columns)
     settings = json.loads((tmp_path / "comparison.json").read_text())["settings"]
     assert settings["reference_latents"] == 3
