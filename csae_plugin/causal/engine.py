@@ -25,6 +25,7 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from csae_plugin.causal.inputs import EngineInputs, capture_rows, prepare_inputs
 from csae_plugin.causal.interventions import (
@@ -37,13 +38,46 @@ from csae_plugin.causal.interventions import (
     resample_values,
 )
 from csae_plugin.causal.reference_stats import ReferenceStats
-from csae_plugin.causal.tail import encode, log_probs, mean_kl, run_tail
+from csae_plugin.causal.tail import (
+    empty_kv_cache,
+    encode,
+    log_probs,
+    mean_kl,
+    prefix_kv_cache,
+    reuses_prefix,
+    run_tail,
+)
 
 CLEAN_CACHE_BYTES = 512 * 2**20
-"""Budget for the clean logits kept per block of sequences (bounds sequences per block)."""
+"""CPU default budget for the clean logits kept per block of sequences (bounds sequences per
+block): sized to stay near the CPU's caches."""
 
 ROW_CHUNK_BYTES = 256 * 2**20
-"""Budget for one chunk of intervened logits [rows, d_vocab] (bounds rows per unembedding)."""
+"""CPU default budget for one chunk of intervened logits [rows, d_vocab] (bounds rows per
+unembedding)."""
+
+GPU_MEMORY_FRACTION = 0.4
+"""Default budget on a GPU: this fraction of its free memory when the run starts (at most
+``GPU_MEMORY_CAP``), as 2/3 clean logits and 1/3 intervened logits, like the CPU defaults."""
+
+GPU_MEMORY_CAP = 24 * 2**30
+
+
+def memory_budget(device: torch.device | str, budget_bytes: int | None = None) -> tuple[int, int]:
+    """(clean-block bytes, row-chunk bytes) for the engine's two large buffers.
+
+    ``budget_bytes`` (their sum) if given; otherwise the CPU defaults, or on a GPU a share of
+    its free memory, so blocks are GPU-sized there and cache-sized on a CPU.
+    """
+    device = torch.device(device)
+    if budget_bytes is None:
+        if device.type != "cuda":
+            return CLEAN_CACHE_BYTES, ROW_CHUNK_BYTES
+        free, _ = torch.cuda.mem_get_info(device)
+        budget_bytes = int(min(free * GPU_MEMORY_FRACTION, GPU_MEMORY_CAP))
+    if budget_bytes <= 0:
+        raise ValueError(f"memory budget must be positive, got {budget_bytes} bytes")
+    return budget_bytes * 2 // 3, budget_bytes // 3
 
 
 @dataclass
@@ -106,6 +140,7 @@ def latent_effects(
     bos_token_id: int | None = None,
     progress: bool = True,
     null: str | Sequence[str] = DEFAULT_NULL,
+    memory_budget_bytes: int | None = None,
 ) -> LatentEffects:
     """Effects E_i(s) and null effects of intervening on each of ``latents``, batched.
 
@@ -115,7 +150,9 @@ def latent_effects(
     ``steer`` intervention (f' = f + alpha * max_act). ``bos_token_id`` defaults to the model
     tokenizer's; position 0 holding it is never intervened nor scored. ``null`` names one or
     more of :data:`NULLS` (a sequence or 'matched,covariance'): each gets ``null_draws``
-    copies per sequence, sharing the real copy.
+    copies per sequence, sharing the real copy. ``memory_budget_bytes`` bounds the clean and
+    intervened logits held at once (:func:`memory_budget`; default: CPU-cache-sized on a CPU,
+    a share of free memory on a GPU); peak memory does not grow with the number of latents.
     """
     check_intervention(intervention)
     nulls = check_nulls(null)
@@ -141,7 +178,8 @@ def latent_effects(
     with torch.no_grad():
         effects.sequences[:] = _select_sequences(setup, latent_ids, seqs_per_latent, batch_size)
         bar = tqdm(total=n_lat, desc=f"NCES {intervention}", unit="latent", disable=not progress)
-        _run_effects(setup, stats, effects, batch_size, seed, bar)
+        budget = memory_budget(setup.tokens.device, memory_budget_bytes)
+        _run_effects(setup, stats, effects, batch_size, seed, bar, budget)
         bar.close()
     return effects
 
@@ -185,6 +223,7 @@ def _run_effects(
     batch_size: int,
     seed: int,
     bar: tqdm,
+    budget: tuple[int, int],
 ) -> None:
     """Fill ``effects.effect``/``null_per_draw``/``n_positions``, one block of sequences at a time."""
     lat_idx, slot = np.nonzero(effects.sequences >= 0)
@@ -195,7 +234,9 @@ def _run_effects(
     bar.update(int((remaining == 0).sum()))
     n_ctx = setup.tokens.shape[1]
     d_vocab = setup.model.cfg.d_vocab
-    per_block = int(np.clip(CLEAN_CACHE_BYTES // (n_ctx * d_vocab * 4), 1, batch_size))
+    clean_bytes, chunk_bytes = budget
+    per_block = int(np.clip(clean_bytes // (n_ctx * d_vocab * 4), 1, max(batch_size, 1)))
+    row_chunk = max(1, chunk_bytes // (d_vocab * 4))
     unique = np.unique(seq)
     for b0 in range(0, len(unique), per_block):
         block = unique[b0 : b0 + per_block]
@@ -203,9 +244,11 @@ def _run_effects(
         local = np.searchsorted(block, seq[in_block])
         latents = effects.latents[lat_idx[in_block]]
         per_row = [latents[local == r] for r in range(len(block))]
-        clean = _CleanBlock.build(setup, torch.as_tensor(block), per_row, effects.intervention)
+        clean = _CleanBlock.build(
+            setup, torch.as_tensor(block), per_row, effects.intervention, row_chunk
+        )
         pairs = list(zip(lat_idx[in_block], slot[in_block], local, strict=True))
-        _run_pairs(setup, stats, effects, clean, pairs, batch_size, seed)
+        _run_pairs(setup, stats, effects, clean, pairs, batch_size, seed, row_chunk)
         del clean  # before the next block is built: one block in memory at a time
         for li in lat_idx[in_block]:
             remaining[li] -= 1
@@ -215,9 +258,10 @@ def _run_effects(
 
 @dataclass
 class _CleanBlock:
-    """Clean quantities for a block of token rows: x, tail input, f, masks, and the clean
+    """Clean quantities for a block of token rows: x, tail input, f, masks, the clean
     log-probabilities at the positions some copy will score (``index`` maps [row, t] to a row
-    of ``logprobs``, -1 where not kept)."""
+    of ``logprobs``, -1 where not kept) and, where the tail can start after a clean prefix, the
+    tail layers' keys and values of every position (``kv``)."""
 
     rows: torch.Tensor
     x: torch.Tensor  # [b, T, d_in]
@@ -227,6 +271,7 @@ class _CleanBlock:
     attention_mask: torch.Tensor | None
     logprobs: torch.Tensor  # [n_kept, V] float32
     index: torch.Tensor  # [b, T] long
+    kv: TransformerLensKeyValueCache | None
 
     @classmethod
     def build(
@@ -235,6 +280,7 @@ class _CleanBlock:
         rows: torch.Tensor,
         latents_per_row: list[np.ndarray],
         intervention: str,
+        row_chunk: int,
     ) -> _CleanBlock:
         x, start_input = capture_rows(setup, rows)
         f = encode(setup.sae, x).float()
@@ -244,18 +290,14 @@ class _CleanBlock:
         first = torch.full((b,), n_ctx, device=x.device)
         for r, latents in enumerate(latents_per_row):
             hit = intervened_positions(intervention, f[r][:, latents], valid[r][:, None]).any(1)
-            if hit.any():
-                first[r] = hit.nonzero()[0, 0]
+            first[r] = torch.where(hit.any(), hit.int().argmax(), n_ctx)
         kept = valid & (torch.arange(n_ctx, device=x.device)[None, :] >= first[:, None])
-        h = run_tail(setup.model, setup.plan, start_input, x, mask)[kept]
+        kv = empty_kv_cache(setup.model, b, x.device) if reuses_prefix(setup.plan, mask) else None
+        h = run_tail(setup.model, setup.plan, start_input, x, mask, kv)[kept]
         index = torch.full((b, n_ctx), -1, dtype=torch.long, device=x.device)
         index[kept] = torch.arange(h.shape[0], device=x.device)
-        logprobs = log_probs(setup.model, h, _row_chunk(setup))
-        return cls(rows, x, start_input, f, valid, mask, logprobs, index)
-
-
-def _row_chunk(setup: EngineInputs) -> int:
-    return max(1, ROW_CHUNK_BYTES // (setup.model.cfg.d_vocab * 4))
+        logprobs = log_probs(setup.model, h, row_chunk)
+        return cls(rows, x, start_input, f, valid, mask, logprobs, index, kv)
 
 
 def _run_pairs(
@@ -266,22 +308,43 @@ def _run_pairs(
     pairs: list[tuple[int, int, int]],
     batch_size: int,
     seed: int,
+    row_chunk: int,
 ) -> None:
-    """Evaluate (latent, slot, local row) pairs: 1 real + K copies per null each, in batches."""
-    n_var = 1 + len(effects.nulls) * effects.null_draws
-    copies = [(p, v) for p in range(len(pairs)) for v in range(n_var)]
+    """Evaluate (latent, slot, local row) pairs: 1 real + K copies per null each, in batches.
+
+    Pairs run in order of their first intervened position, so the copies of a batch share a
+    long clean prefix: the tail then runs only from the batch's earliest such position, on the
+    clean keys and values before it (the positions before it are the clean forward's).
+    """
+    n_ctx = clean.x.shape[1]
+    coeff, first = _pair_coefficients(stats, effects, clean, pairs, seed)
+    directions = _pair_directions(setup, stats, effects, pairs, seed)
+    n_var = directions.shape[1]
+    order = np.argsort(first, kind="stable")
+    copies = [(p, v) for p in order for v in range(n_var)]
     for c0 in range(0, len(copies), batch_size):
         batch = copies[c0 : c0 + batch_size]
-        coeff, dirs, t0 = _batch_perturbations(setup, stats, effects, clean, pairs, batch, seed)
+        pair_idx = torch.as_tensor([p for p, _ in batch], device=coeff.device)
+        var_idx = torch.as_tensor([v for _, v in batch], device=coeff.device)
         rows = clean.x.new_tensor([pairs[p][2] for p, _ in batch], dtype=torch.long)
-        delta = coeff[:, :, None] * dirs[:, None, :]
-        spliced = clean.x[rows] + delta
-        mask = None if clean.attention_mask is None else clean.attention_mask[rows]
-        h = run_tail(setup.model, setup.plan, clean.start_input[rows], spliced, mask)
-        positions = torch.arange(h.shape[1], device=h.device)
-        scored = clean.valid[rows] & (positions[None, :] >= t0[:, None])
-        kl = mean_kl(setup.model, clean.logprobs, clean.index[rows], h, scored, _row_chunk(setup))
-        kl[(delta == 0).flatten(1).all(1).cpu()] = 0.0  # nothing changed: the clean forward
+        t0 = torch.as_tensor(first[[p for p, _ in batch]], device=clean.x.device)
+        dirs = directions[pair_idx, var_idx]
+        c = coeff[pair_idx]
+        start = int(first[[p for p, _ in batch]].min()) if clean.kv is not None else 0
+        kl = torch.zeros(len(batch), dtype=torch.float64)
+        if start < n_ctx:
+            delta = c[:, start:, None] * dirs[:, None, :]
+            spliced = clean.x[rows, start:] + delta
+            mask = None if clean.attention_mask is None else clean.attention_mask[rows]
+            prefix = prefix_kv_cache(clean.kv, rows, start) if start > 0 else None
+            h = run_tail(
+                setup.model, setup.plan, clean.start_input[rows, start:], spliced, mask, prefix
+            )
+            positions = torch.arange(start, n_ctx, device=h.device)
+            scored = clean.valid[rows, start:] & (positions[None, :] >= t0[:, None])
+            index = clean.index[rows, start:]
+            kl = mean_kl(setup.model, clean.logprobs, index, h, scored, row_chunk)
+            kl[(delta == 0).flatten(1).all(1).cpu()] = 0.0  # nothing changed: the clean forward
         for (p, v), value in zip(batch, kl.tolist(), strict=True):
             li, j, _ = pairs[p]
             if v == 0:
@@ -291,67 +354,68 @@ def _run_pairs(
                 effects.null_effects[li, j, n, k] = value
 
 
-def _batch_perturbations(
+def _pair_directions(
     setup: EngineInputs,
     stats: ReferenceStats,
     effects: LatentEffects,
-    clean: _CleanBlock,
     pairs: list[tuple[int, int, int]],
-    batch: list[tuple[int, int]],
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per copy: coefficients f' - f [C, T], direction [C, d_in], first intervened position [C].
-
-    Variant 0 (real) moves along d_i; null variant 1 + n K + k along ||d_i|| u_k of null n, so
-    every position keeps the real perturbation's norm and sign.
-    """
-    device = clean.x.device
-    pair_ids = sorted({p for p, _ in batch})
-    latents = sorted({pairs[p][0] for p in pair_ids})
+) -> torch.Tensor:
+    """Per pair, its copies' directions [P, 1 + n_nulls K, d_in]: variant 0 (real) is d_i,
+    null variant 1 + n K + k is ||d_i|| u_k of null n, so every position keeps the real
+    perturbation's norm and sign."""
+    latents = sorted({li for li, _, _ in pairs})
     lat_ids = torch.as_tensor(effects.latents[latents])
-    d = decoder_directions(setup.sae, lat_ids).to(device)
-    directions = {}
+    d = decoder_directions(setup.sae, lat_ids)
+    per_latent = {}
     for k, li in enumerate(latents):
         nulls = [
             latent_null_directions(stats, int(lat_ids[k]), effects.null_draws, seed, name, d[k])
             for name in effects.nulls
         ]
-        directions[li] = torch.cat([d[k : k + 1], d[k].norm() * torch.cat(nulls).to(device)])
-    per_pair = {}
-    for p in pair_ids:
-        li, j, row = pairs[p]
-        coeff, positions = _coefficients(stats, effects, clean, int(effects.latents[li]), row, seed)
-        effects.n_positions[li, j] = int(positions.sum())
-        first = positions.nonzero()
-        per_pair[p] = (coeff, int(first[0]) if len(first) else positions.shape[0])
-    coeffs = torch.stack([per_pair[p][0] for p, _ in batch])
-    dirs = torch.stack([directions[pairs[p][0]][v] for p, v in batch])
-    t0 = torch.tensor([per_pair[p][1] for p, _ in batch], device=device)
-    return coeffs, dirs, t0
+        per_latent[li] = torch.cat([d[k : k + 1], d[k].norm() * torch.cat(nulls).to(d)])
+    device = setup.tokens.device
+    return torch.stack([per_latent[li] for li, _, _ in pairs]).to(device)
 
 
-def _coefficients(
+def _pair_coefficients(
     stats: ReferenceStats,
     effects: LatentEffects,
     clean: _CleanBlock,
-    latent: int,
-    row: int,
+    pairs: list[tuple[int, int, int]],
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """f'_t - f_t on local ``row`` (0 where not intervened) [T], and the intervened positions.
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Per pair: f'_t - f_t [P, T] (0 where not intervened) and its first intervened position
+    (T if none), with ``effects.n_positions`` filled; one transfer to the host for all pairs.
 
     Intervened: the active non-special positions; for ``steer`` every non-special position.
     """
-    f_i = clean.f[row, :, latent]
+    lat_idx = np.array([li for li, _, _ in pairs])
+    latents = torch.as_tensor(effects.latents[lat_idx], device=clean.f.device)
+    rows = torch.as_tensor([row for _, _, row in pairs], device=clean.f.device)
+    n_ctx = clean.f.shape[1]
+    f = clean.f[
+        rows[:, None], torch.arange(n_ctx, device=clean.f.device)[None, :], latents[:, None]
+    ]
     kind = effects.intervention
-    positions = intervened_positions(kind, f_i, clean.valid[row])
+    positions = intervened_positions(kind, f, clean.valid[rows])
     if kind == "zero":
-        target = torch.zeros_like(f_i)
+        target = torch.zeros_like(f)
     elif kind == "mean":
-        target = torch.full_like(f_i, float(stats.mean_act[latent]))
+        target = stats.mean_act.to(f)[latents][:, None].expand_as(f)
     elif kind == "resample":
-        sequence = int(clean.rows[row])
-        target = resample_values(stats, latent, sequence, f_i.shape[0], seed).to(f_i)
+        target = torch.stack(
+            [
+                resample_values(stats, int(effects.latents[li]), int(clean.rows[row]), n_ctx, seed)
+                for li, _, row in pairs
+            ]
+        ).to(f)
     else:
-        target = f_i + effects.alpha * float(stats.max_act[latent])
-    return torch.where(positions, target - f_i, 0.0), positions
+        target = f + effects.alpha * stats.max_act.to(f)[latents][:, None]
+    coeff = torch.where(positions, target - f, 0.0)
+    counts = positions.sum(1)
+    first = torch.where(counts > 0, positions.int().argmax(1), n_ctx)
+    host = torch.stack([counts, first]).cpu().numpy()
+    for (li, j, _), n in zip(pairs, host[0], strict=True):
+        effects.n_positions[li, j] = n
+    return coeff, host[1]

@@ -43,6 +43,8 @@ def prepare_inputs(
     if bos is None and model.tokenizer is not None:
         bos = model.tokenizer.bos_token_id
     not_pad, attention_mask = padding_masks(model, tokens)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding in these rows: the same forward without a mask
     valid = not_pad.clone()
     if bos is not None:
         valid[:, 0] &= tokens[:, 0] != bos

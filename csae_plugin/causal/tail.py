@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.utilities.activation_functions import apply_softcap
 from transformer_lens.utilities.tokenize_utils import get_attention_mask
 
@@ -241,11 +243,15 @@ def run_tail(
     start_input: torch.Tensor,
     spliced: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    past_kv_cache: TransformerLensKeyValueCache | None = None,
 ) -> torch.Tensor:
     """Final normalised residual [C, T, d_model] with x replaced by ``spliced`` [C, T, d_in].
 
     ``start_input`` is :func:`capture`'s tail input for the same rows; differentiable in
     ``spliced``. With ``spliced`` the clean x it reproduces the model's own forward.
+    ``past_kv_cache`` (TransformerLens's) holds the tail layers' keys and values of earlier
+    positions: the inputs are then the positions after them (:func:`prefix_kv_cache`), or, with
+    an empty unfrozen cache (:func:`empty_kv_cache`), the run fills it.
     """
     n_layers = model.cfg.n_layers
     spliced = spliced.to(model.cfg.dtype)
@@ -255,6 +261,7 @@ def run_tail(
             start_at_layer=plan.start,
             stop_at_layer=n_layers,
             attention_mask=attention_mask,
+            past_kv_cache=past_kv_cache,
         )
         return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
 
@@ -268,8 +275,35 @@ def run_tail(
             start_at_layer=start,
             stop_at_layer=n_layers,
             attention_mask=attention_mask,
+            past_kv_cache=past_kv_cache,
         )
         return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+
+
+def reuses_prefix(plan: HookPlan, attention_mask: torch.Tensor | None) -> bool:
+    """Whether a tail from ``plan`` can start after a clean prefix held in a key-value cache:
+    a block or residual hook, without a padding mask (positions then carry no offsets)."""
+    return attention_mask is None and plan.kind in ("resid", "block")
+
+
+def empty_kv_cache(model: HookedTransformer, batch: int, device: torch.device | str):
+    """An empty, unfrozen key-value cache for ``batch`` rows, for :func:`run_tail` to fill."""
+    return TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+
+
+def prefix_kv_cache(
+    cache: TransformerLensKeyValueCache, rows: torch.Tensor, length: int
+) -> TransformerLensKeyValueCache:
+    """A frozen cache holding the first ``length`` positions of ``cache``'s ``rows``: a tail
+    run on it reads positions ``length`` on and attends to the cached prefix."""
+    entries = [
+        TransformerLensKeyValueCacheEntry(
+            entry.past_keys[rows, :length], entry.past_values[rows, :length], frozen=True
+        )
+        for entry in cache.entries
+    ]
+    mask = torch.ones(len(rows), length, dtype=torch.int, device=rows.device)
+    return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
 def logits(model: HookedTransformer, h: torch.Tensor) -> torch.Tensor:
@@ -293,7 +327,10 @@ def log_probs(model: HookedTransformer, h: torch.Tensor, row_chunk: int) -> torc
 
 
 def kl_rows(
-    clean_logits: torch.Tensor, logits: torch.Tensor, clean_index: torch.Tensor | None = None
+    clean_logits: torch.Tensor,
+    logits: torch.Tensor,
+    clean_index: torch.Tensor | None = None,
+    clean_normalised: bool = False,
 ) -> torch.Tensor:
     """KL(p || q) per row in nats from logits of p (clean) and q [rows, V], accurate at ~1e-12.
 
@@ -305,14 +342,20 @@ def kl_rows(
     so float32 arithmetic keeps its relative precision even for KL ~ 1e-9, where the usual
     sum p (log p - log q) in float32 has absolute noise ~1e-6 on a large vocabulary.
     The tiny negative results rounding can give are clamped to 0 (KL >= 0 exactly).
-    ``clean_index`` picks the clean row for each row of ``logits`` (default: the same row).
+    ``clean_index`` picks the clean row for each row of ``logits`` (default: the same row);
+    ``clean_normalised`` says the clean rows are log-probabilities (saves their log-sum-exp;
+    their exp is still renormalised, as the formula needs sum p = 1 to float precision).
     """
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for i in range(0, logits.shape[0], _KL_SUBCHUNK_ROWS):
         rows = slice(i, i + _KL_SUBCHUNK_ROWS)
         zp = clean_logits[rows] if clean_index is None else clean_logits[clean_index[rows]]
         zq = logits[rows]
-        p = torch.sub(zp, torch.logsumexp(zp, dim=-1, keepdim=True)).exp_()
+        if clean_normalised:  # renormalised: a float32 log-softmax's exp sums to 1 +- ~1e-6
+            p = zp.exp()
+            p.div_(p.sum(-1, keepdim=True))
+        else:
+            p = zp.sub(torch.logsumexp(zp, -1, keepdim=True)).exp_()
         dz = torch.sub(zp, zq)
         dz.sub_(torch.linalg.vecdot(p, dz).unsqueeze(-1)).neg_()  # -r
         phi = torch.expm1(dz).sub_(dz)
@@ -339,7 +382,7 @@ def mean_kl(
     total = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
     for r in range(0, len(copy_idx), row_chunk):
         c, t = copy_idx[r : r + row_chunk], pos_idx[r : r + row_chunk]
-        kl = kl_rows(clean_log_probs, logits(model, h[c, t]), clean_index=clean_index[c, t])
+        kl = kl_rows(clean_log_probs, logits(model, h[c, t]), clean_index[c, t], True)
         total.index_add_(0, c, kl.double())
     return (total / scored.sum(1).clamp(min=1)).cpu()
 
