@@ -199,18 +199,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if kwargs:
         print(f"[{PROG}] model loaded with the SAEs' {kwargs[0]}", flush=True)
     config = config_from_args(NCESEvalConfig, args, model_name=model_name, dataset=args.dataset)
+    from csae_plugin.evals.nces import shards
+
+    device = shards.init_from_env(args.device)  # under torchrun: join its process group
     table = evaluate_saes(
         args.eval,
         specs,
         output_dir=args.output_dir,
-        device=args.device,
+        device=device,
         force_rerun=args.force_rerun,
         nces_config=config,
         progress=not args.no_progress,
         model_kwargs=kwargs[0] if kwargs else None,
     )
-    print(_format(table))
-    print(f"results in {args.output_dir}/<eval>/")
+    if shards.is_main_process():
+        print(_format(table))
+        print(f"results in {args.output_dir}/<eval>/")
     return 0
 
 

@@ -200,7 +200,11 @@ def test_c3_interrupt_keeps_finished_saes_and_rerun_resumes(
     monkeypatch.setattr(nces_main, "latent_effects", interrupt_second)
     assert cli.main(argv) == 130
     assert "interrupted" in one_error_line(capsys)
-    assert result_files(out) == ["nces/local_a_eval_results.json"]
+    # a's result; b's work folder, which holds no finished chunk (it was interrupted in its first)
+    assert result_files(out) == [
+        "nces/.local_b_eval_results.chunks/fingerprint.json",
+        "nces/local_a_eval_results.json",
+    ]
     first = (out / "nces/local_a_eval_results.json").read_text()
 
     monkeypatch.setattr(nces_main, "latent_effects", real)

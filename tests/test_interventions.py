@@ -299,6 +299,25 @@ def test_7_chunking_does_not_change_the_numbers(monkeypatch):
     np.testing.assert_allclose(chunked.null_per_draw, whole.null_per_draw, rtol=1e-5)
 
 
+def test_7_memory_budget_is_a_setting(monkeypatch):
+    """The budget bounds the logits held at once (2/3 clean block, 1/3 intervened chunk) and
+    never changes the numbers; the CPU default is the cache-sized pair of constants."""
+    assert engine.memory_budget("cpu") == (engine.CLEAN_CACHE_BYTES, engine.ROW_CHUNK_BYTES)
+    assert engine.memory_budget("cpu", 3 * 2**20) == (2 * 2**20, 2**20)
+    with pytest.raises(ValueError, match="memory budget must be positive"):
+        engine.memory_budget("cpu", 0)
+    sae, stats = sae_and_stats("standard", POST)
+    whole = run_engine(sae, stats, [0, 1, 2], batch_size=64)
+    seen = []
+    unembed = tail.logits
+    monkeypatch.setattr(tail, "logits", lambda m, h: seen.append(h.shape[0]) or unembed(m, h))
+    budget = 3 * 4 * D_VOCAB * 4  # 8 clean rows' logits, 4 intervened rows at once
+    small = run_engine(sae, stats, [0, 1, 2], batch_size=64, memory_budget_bytes=budget)
+    assert max(seen) == 4
+    np.testing.assert_allclose(small.effect, whole.effect, rtol=1e-5)
+    np.testing.assert_allclose(small.null_per_draw, whole.null_per_draw, rtol=1e-5)
+
+
 def test_7_kl_is_accurate_for_tiny_effects():
     """kl_rows keeps ~1e-12 accuracy where float32 log-softmax differences have ~1e-6 noise."""
     gen = torch.Generator().manual_seed(0)

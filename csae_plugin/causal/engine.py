@@ -419,3 +419,37 @@ def _pair_coefficients(
     for (li, j, _), n in zip(pairs, host[0], strict=True):
         effects.n_positions[li, j] = n
     return coeff, host[1]
+
+
+def estimate_seconds(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: torch.Tensor,
+    n_latents: int,
+    seqs_per_latent: int,
+    copies_per_sequence: int,
+    batch_size: int = 32,
+    bos_token_id: int | None = None,
+) -> float:
+    """A rough time for :func:`latent_effects` on ``n_latents``, from timing one tail forward
+    and unembedding of ``batch_size`` copies of a token row here, now (an upper estimate: it
+    counts every position, where the engine skips those before the first intervened one)."""
+    import time
+
+    setup = prepare_inputs(model, sae, tokens[:1], bos_token_id)
+    with torch.no_grad():
+        x, start_input = capture_rows(setup, torch.tensor([0]))
+        copies = max(1, min(batch_size, 8))
+        started = time.perf_counter()
+        h = run_tail(
+            model,
+            setup.plan,
+            start_input.expand(copies, *start_input.shape[1:]),
+            x.expand(copies, *x.shape[1:]),
+            None if setup.attention_mask is None else setup.attention_mask[:1].expand(copies, -1),
+        )
+        log_probs(
+            model, h.reshape(-1, h.shape[-1]), max(1, ROW_CHUNK_BYTES // (model.cfg.d_vocab * 4))
+        )
+        per_copy = (time.perf_counter() - started) / copies
+    return per_copy * n_latents * seqs_per_latent * copies_per_sequence

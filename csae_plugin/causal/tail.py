@@ -357,7 +357,7 @@ def kl_rows(
         else:
             p = zp.sub(torch.logsumexp(zp, -1, keepdim=True)).exp_()
         dz = torch.sub(zp, zq)
-        dz.sub_(torch.linalg.vecdot(p, dz).unsqueeze(-1)).neg_()  # -r
+        torch.sub(torch.linalg.vecdot(p, dz).unsqueeze(-1), dz, out=dz)  # -r, in one pass
         phi = torch.expm1(dz).sub_(dz)
         out[rows] = torch.log1p(torch.linalg.vecdot(p, phi))
     return out.clamp_(min=0.0)

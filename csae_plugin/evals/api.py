@@ -132,6 +132,10 @@ def evaluate_saes(
                 reference_tokens,
                 progress,
             )
+    from csae_plugin.evals.nces import shards
+
+    if not shards.is_main_process():
+        return pd.DataFrame(columns=list(SUMMARY_COLUMNS))  # rank 0 reports
     table = load_results([out])
     wanted = [sae_name(release, sae_id) for _, release, sae_id in saes]
     table = table.loc[[name for name in wanted if name in table.index]]
@@ -168,7 +172,11 @@ def _run_one(
         )
     else:
         from csae_plugin.evals.core import core_config, run_core
+        from csae_plugin.evals.nces import shards
 
+        if not shards.is_main_process():  # under torchrun core is not split: rank 0 runs it
+            shards.barrier()
+            return
         core_cfg = core_config(
             config.model_name,
             config.dataset,
@@ -187,6 +195,7 @@ def _run_one(
             force_rerun=True,
             progress=progress,
         )
+        shards.barrier()
 
 
 def check_evals(evals: Sequence[str] | str) -> list[str]:

@@ -89,10 +89,25 @@ class NCESEvalConfig(BaseEvalConfig):
         description="Most evaluation sequences (those where the latent fires) per latent",
     )
     latents: str | int | list[int] = Field(
-        default="all",
+        default="auto",
         title="Latents",
-        description="Latents to evaluate: 'all', a count (a random subset drawn with "
-        "random_seed), or a list of latent indices ('3,17,42' or '[3]' on the command line)",
+        description="Latents to evaluate exactly: 'all'; a count (a random subset drawn with "
+        "random_seed); a list of indices ('3,17,42' or '[3]' on the command line); "
+        "'screen:N' (N latents drawn evenly across the second-order screen's range; the screen "
+        "scores every latent and is reported too); 'auto': all up to 512 latents, else "
+        "screen:256",
+    )
+    screen_sequences: int = Field(
+        default=24,
+        ge=1,
+        title="Screen Sequences",
+        description="Evaluation sequences the second-order screen reads (with 'screen:N')",
+    )
+    screen_samples: int = Field(
+        default=8,
+        ge=1,
+        title="Screen Samples",
+        description="Label samples (backward passes per batch) of the second-order screen",
     )
     llm_batch_size: int = Field(
         default=16,
@@ -105,6 +120,20 @@ class NCESEvalConfig(BaseEvalConfig):
         ge=1,
         title="Copy Batch Size",
         description="Intervened sequence copies per forward pass of the model's tail",
+    )
+    latents_per_chunk: int = Field(
+        default=128,
+        ge=1,
+        title="Latents per Chunk",
+        description="Latents computed and kept together: a rerun resumes from the finished "
+        "chunks, and torchrun's processes share them out",
+    )
+    memory_budget_mb: int | None = Field(
+        default=None,
+        ge=1,
+        title="Memory Budget (MB)",
+        description="Memory for the clean and intervened logits held at once; None: 768 MB "
+        "on a CPU (cache-sized blocks), 40% of the free memory on a GPU (at most 24 GB)",
     )
     fdr_level: float = Field(
         default=0.05,
@@ -140,11 +169,16 @@ class NCESEvalConfig(BaseEvalConfig):
     @field_validator("latents")
     @classmethod
     def _parse_latents(cls, value: str | int | list[int]) -> str | int | list[int]:
-        """Accept 'all', a positive count, or non-negative indices (also as '3,17,42')."""
+        """Accept 'auto', 'all', 'screen:N', a count, or indices (also as '3,17,42')."""
         if isinstance(value, str):
             text = value.strip()
-            if text == "all":
-                return "all"
+            if text in ("all", "auto"):
+                return text
+            if text.startswith("screen:"):
+                count = text.removeprefix("screen:")
+                if not count.isdigit() or int(count) < 1:
+                    raise ValueError("expected 'screen:N' with N >= 1 latents to score exactly")
+                return f"screen:{int(count)}"
             if text.isdigit():
                 value = int(text)
             else:
@@ -152,7 +186,8 @@ class NCESEvalConfig(BaseEvalConfig):
                     value = [int(part) for part in text.strip("[]").split(",") if part.strip()]
                 except ValueError:
                     raise ValueError(
-                        "expected 'all', a count, or comma-separated latent indices"
+                        "expected 'auto', 'all', 'screen:N', a count, or comma-separated "
+                        "latent indices"
                     ) from None
         if isinstance(value, int):
             if value < 1:

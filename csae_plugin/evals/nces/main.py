@@ -25,8 +25,10 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from csae_plugin import models
-from csae_plugin.causal import latent_effects, reference_stats
+from csae_plugin.causal import LatentEffects, latent_effects, reference_stats
+from csae_plugin.causal.engine import estimate_seconds
 from csae_plugin.causal.nces import effects_details, nces_metrics, null_view
+from csae_plugin.causal.screen import SCREEN_INTERVENTIONS, nces_screen
 from csae_plugin.data import corpus_splits
 from csae_plugin.evals import (
     EvalInputError,
@@ -38,6 +40,7 @@ from csae_plugin.evals import (
     validate_inputs,
     write_json_atomic,
 )
+from csae_plugin.evals.nces import shards
 from csae_plugin.evals.nces.eval_config import EMBEDDED_DATASET, NCESEvalConfig
 from csae_plugin.evals.nces.eval_output import (
     NCESEvalOutput,
@@ -49,6 +52,12 @@ from csae_plugin.saes.loading import load_sae, load_sae_from_folder
 
 CUSTOM_SAE_ID = "custom_sae"
 """SAEBench's ``sae_id`` for an SAE passed in as an object (its result file name)."""
+
+
+AUTO_ALL_MAX = 512
+"""``latents='auto'`` scores every latent up to this many, else ``screen:AUTO_SCREENED``."""
+
+AUTO_SCREENED = 256
 
 
 def select_latents(latents: str | int | list[int], d_sae: int, seed: int) -> np.ndarray:
@@ -66,6 +75,26 @@ def select_latents(latents: str | int | list[int], d_sae: int, seed: int) -> np.
             f"latent index {int(ids.max())} out of range: the SAE has d_sae={d_sae} latents"
         )
     return ids
+
+
+def resolve_latents(latents: str | int | list[int], d_sae: int) -> str | int | list[int]:
+    """``'auto'`` made concrete for an SAE of ``d_sae`` latents; anything else unchanged."""
+    if latents != "auto":
+        return latents
+    return "all" if d_sae <= AUTO_ALL_MAX else f"screen:{AUTO_SCREENED}"
+
+
+def stratified_by_screen(scores: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` latents, one drawn uniformly from each of ``n`` equal strata of the latents
+    ordered by ``scores`` (NaN, never fired on the screened tokens, last): every latent has
+    the same chance n / d_sae, so per-SAE fractions over the sample stay unbiased, and the
+    sample spans the screen's range."""
+    d_sae = len(scores)
+    if n >= d_sae:
+        return np.arange(d_sae)
+    order = np.argsort(np.where(np.isnan(scores), np.inf, scores), kind="stable")
+    rng = np.random.default_rng(seed)
+    return np.sort([rng.choice(stratum) for stratum in np.array_split(order, n)])
 
 
 def load_tokens(
@@ -95,7 +124,8 @@ def evaluate_sae(
     progress: bool = True,
     *,
     bos_token_id: int | None = None,
-) -> tuple[dict[str, Any], pd.DataFrame]:
+    work_dir: str | Path | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame] | None:
     """NCES of ``sae``'s latents: flat metrics (``NCESMetrics`` fields) and per-latent details.
 
     The metrics are the first null's; ``details.attrs["metrics_by_null"]`` holds each null's.
@@ -103,9 +133,14 @@ def evaluate_sae(
     ``bos_token_id`` defaults to the model tokenizer's; a BOS at position 0 is never
     intervened on nor scored. Token rows longer than ``config.context_size`` are cut to it
     (their first ``context_size`` tokens), so the same tokens can serve core and a cheaper NCES.
+
+    Latents run in chunks of ``config.latents_per_chunk`` (:mod:`.shards`): with ``work_dir``
+    each finished chunk is kept there, so a rerun resumes, and under torch.distributed the
+    chunks are shared among the ranks; only rank 0 gets the result (the others ``None``).
     """
     eval_tokens = eval_tokens[:, : config.context_size]
-    latents = select_latents(config.latents, sae.cfg.d_sae, config.random_seed)
+    d_sae = sae.cfg.d_sae
+    spec = resolve_latents(config.latents, d_sae)
     with torch.no_grad():
         stats = reference_stats(
             model,
@@ -116,22 +151,86 @@ def evaluate_sae(
             bos_token_id=bos_token_id,
             progress=progress,
         )
-        effects = latent_effects(
+    screen = None
+    if isinstance(spec, str) and spec.startswith("screen:"):
+        screen = nces_screen(
             model,
             sae,
-            eval_tokens,
-            latents,
+            eval_tokens[: config.screen_sequences],
             stats,
-            intervention=config.intervention,
-            null_draws=config.null_draws,
-            seqs_per_latent=config.seqs_per_latent,
+            intervention=config.intervention
+            if config.intervention in SCREEN_INTERVENTIONS
+            else "zero",
+            null=config.nulls[0],
+            samples=config.screen_samples,
             alpha=config.steer_alpha,
-            batch_size=config.copy_batch_size,
             seed=config.random_seed,
             bos_token_id=bos_token_id,
             progress=progress,
-            null=config.nulls,
         )
+        latents = stratified_by_screen(screen.nces, int(spec.split(":")[1]), config.random_seed)
+        how = f"drawn across the screen's range ({spec}; the screen scored all {d_sae})"
+    else:
+        latents = select_latents(spec, d_sae, config.random_seed)
+        how = "all" if spec == "all" else "as asked"
+    if progress:
+        seconds = (
+            estimate_seconds(
+                model,
+                sae,
+                eval_tokens,
+                len(latents),
+                config.seqs_per_latent,
+                1 + len(config.nulls) * config.null_draws,
+                config.copy_batch_size,
+                bos_token_id,
+            )
+            / shards.rank_and_world()[1]
+        )
+        print(
+            f"[nces] scoring {len(latents)} of {d_sae} latents exactly ({how}); "
+            f"estimated at most {seconds / 60:.1f} min here",
+            flush=True,
+        )
+    with torch.no_grad():
+        key = shards.fingerprint(
+            asdict(config),
+            sae.cfg.to_dict(),
+            sae.W_enc,
+            sae.W_dec,
+            eval_tokens,
+            reference_tokens,
+            model.cfg.model_name,
+            latents.tolist(),
+            bos_token_id,
+        )
+
+        def compute(ids: np.ndarray) -> LatentEffects:
+            return latent_effects(
+                model,
+                sae,
+                eval_tokens,
+                ids,
+                stats,
+                intervention=config.intervention,
+                null_draws=config.null_draws,
+                seqs_per_latent=config.seqs_per_latent,
+                alpha=config.steer_alpha,
+                batch_size=config.copy_batch_size,
+                seed=config.random_seed,
+                bos_token_id=bos_token_id,
+                progress=progress and len(ids) == len(latents),
+                null=config.nulls,
+                memory_budget_bytes=(
+                    None if config.memory_budget_mb is None else config.memory_budget_mb * 2**20
+                ),
+            )
+
+        effects = shards.chunked_effects(
+            compute, latents, work_dir, key, config.latents_per_chunk, progress
+        )
+    if effects is None:
+        return None  # another rank than 0: rank 0 merges and reports
     details = effects_details(
         effects,
         fdr_level=config.fdr_level,
@@ -152,6 +251,8 @@ def evaluate_sae(
         for null in config.nulls
     }
     details.attrs["metrics_by_null"] = by_null
+    if screen is not None:
+        details.attrs["screen"] = screen.as_dict()
     return dict(by_null[config.nulls[0]]), details
 
 
@@ -179,6 +280,9 @@ def eval_output(
         eval_result_details=[
             NCESLatentDetail(**row) for row in json_safe(details.to_dict("records"))
         ],
+        eval_result_unstructured=(
+            {"screen": json_safe(details.attrs["screen"])} if "screen" in details.attrs else None
+        ),
         sae_bench_commit_hash=sae_bench_version(),
         sae_lens_id=sae_id,
         sae_lens_release_id=release,
@@ -208,11 +312,23 @@ def evaluate_and_save(
         print(f"Skipping {release}_{sae_id} as results already exist")
         return None
     validate_inputs(model, sae, eval_tokens, reference_tokens)
-    metrics, details = evaluate_sae(
-        model, sae, eval_tokens, reference_tokens, config, progress, bos_token_id=bos_token_id
+    scored = evaluate_sae(
+        model,
+        sae,
+        eval_tokens,
+        reference_tokens,
+        config,
+        progress and shards.is_main_process(),
+        bos_token_id=bos_token_id,
+        work_dir=path.with_name(f".{path.stem}.chunks"),
     )
+    if scored is None:  # not rank 0
+        shards.barrier()
+        return None
+    metrics, details = scored
     result = asdict(eval_output(config, sae, release, sae_id, metrics, details, eval_id))
     write_json_atomic(path, result)
+    shards.barrier()  # every rank sees the result before moving on
     return result
 
 
@@ -319,7 +435,7 @@ if __name__ == "__main__":
     from sae_bench.sae_bench_utils.sae_selection_utils import get_saes_from_regex
 
     args = arg_parser().parse_args()
-    device = args.device or setup_environment()
+    device = shards.init_from_env(args.device or setup_environment())
     config = config_from_args(NCESEvalConfig, args)
     selected: list[tuple[str, str | SAE]] = [("local", path) for path in args.sae_paths]
     if args.sae_regex_pattern:
