@@ -3,7 +3,9 @@
 Runs ``python -m csae_plugin.evals.nces.main`` once plainly (all of torch's threads) and once
 under ``torchrun --nproc-per-node N`` (each process gets cores / N threads), on the same SAE,
 latents and settings, and reports both wall times, the speed-up and whether the per-latent
-results are identical. Results: ``evals/results/bench_sharding_<device>.json``.
+results are identical (bitwise only where every process runs the same number of threads, as in
+``tests/test_shards.py``: here 1 process has all the cores' threads and each of N has a share,
+so matrix products sum in another order). Results: ``evals/results/bench_sharding_<device>.json``.
 
 The SAE is ``bench_nces.py``'s data-initialised TopK SAE (speed only, not quality).
 
@@ -88,6 +90,11 @@ def main() -> None:
         "sharded_seconds": many,
         "speedup": one / many,
         "identical_per_latent_results": a == b,
+        "max_relative_difference_effect_kl": max(
+            abs(x["effect_kl"] - y["effect_kl"]) / abs(x["effect_kl"])
+            for x, y in zip(a, b, strict=True)
+            if x["effect_kl"]
+        ),
         "note": "wall times include each process's start, model load and reference statistics",
     }
     RESULTS.mkdir(exist_ok=True)

@@ -509,3 +509,25 @@ def test_11_tail_after_clean_prefix_equals_naive_on_gemma3_architecture(hook, mo
     effect, null = naive_arrays(model, sae, eval_tokens(), effects, stats)
     np.testing.assert_allclose(effects.effect, effect, rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(effects.null_per_draw, null, rtol=1e-4, atol=1e-9)
+
+
+def test_12_null_draws_do_not_depend_on_eigenvector_signs(monkeypatch):
+    """Rounding can flip an eigenvector's sign; the stats fix each column's largest entry
+    positive, so the null's draws survive a flip."""
+    sae, stats = sae_and_stats("standard", POST)
+    vecs = stats.cov_eigvecs
+    assert (vecs.gather(0, vecs.abs().argmax(0, keepdim=True)) > 0).all()
+    eigh = torch.linalg.eigh
+
+    def flipping_eigh(matrix):
+        values, vectors = eigh(matrix)
+        return values, vectors * torch.where(torch.arange(len(values)) % 2 == 0, -1.0, 1.0)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flipping_eigh)
+    again = iv.reference_stats(tiny_model(), sae, reference_tokens(), bos_token_id=BOS)
+    torch.testing.assert_close(again.cov_eigvecs, vecs)
+    d = iv.decoder_directions(sae, torch.tensor([3]))[0]
+    torch.testing.assert_close(
+        iv.latent_null_directions(again, 3, 4, 0, "matched", d),
+        iv.latent_null_directions(stats, 3, 4, 0, "matched", d),
+    )

@@ -22,7 +22,8 @@ class ReferenceStats:
     ``max_act`` (the ``steer`` scale), ``firing_freq``, and ``resample_pool`` [pool, d_sae],
     the latent values at uniformly drawn reference tokens (the ``resample`` intervention).
     For the null: ``act_mean`` and the eigendecomposition of the covariance Sigma of x at the
-    hook, ``cov_eigvals`` [d_in] (clamped at 0) and ``cov_eigvecs`` [d_in, d_in] (columns).
+    hook, ``cov_eigvals`` [d_in] (clamped at 0) and ``cov_eigvecs`` [d_in, d_in] (columns,
+    each with its largest entry positive).
     """
 
     mean_act: torch.Tensor
@@ -100,6 +101,11 @@ def reference_stats(
     act_mean = sum_x / n_valid
     cov = (sum_xx - n_valid * torch.outer(act_mean, act_mean)) / max(n_valid - 1, 1)
     eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
+    # an eigenvector's sign is arbitrary, and rounding (another thread count, another machine)
+    # can flip it, which would change every null draw mapped through it: fix each column's
+    # largest entry positive
+    largest = eigvecs.gather(0, eigvecs.abs().argmax(0, keepdim=True))
+    eigvecs = eigvecs * torch.where(largest < 0, -1.0, 1.0).to(eigvecs)
     return ReferenceStats(
         mean_act=(sum_f / n_valid).float(),
         max_act=max_f.float(),
