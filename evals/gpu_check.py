@@ -696,6 +696,28 @@ def stage_timing(check: Check) -> dict[str, Any]:
         "goal": f"all {GOAL_LATENTS} latents in <= {GOAL_MINUTES:.0f} min on one GPU",
         "goal_met": bool(fastest["projected_all_latents_minutes"] <= GOAL_MINUTES),
     }
+    # the second-order screen of all 16k latents (what latents="screen:N" runs first)
+    from csae_plugin.causal.screen import nces_screen
+
+    _, screen_s, screen_peak = timed(
+        lambda: nces_screen(
+            model,
+            big,
+            evaluation[:24],
+            big_stats,
+            samples=8,
+            seed=check.args.seed,
+            bos_token_id=bos,
+            progress=False,
+        )
+    )
+    out["sae_16k"]["screen_all_latents"] = {
+        "sequences": 24,
+        "samples": 8,
+        "seconds": round(screen_s, 3),
+        "peak_gpu_allocated_gib": screen_peak,
+    }
+    check.log(f"screen d_sae={s.big_d_sae}: {out['sae_16k']['screen_all_latents']}")
     check.result["timings"]["engine_16k_sae"] = out["sae_16k"]
     check.result["checks"]["nces_16k_goal_met"] = out["sae_16k"]["goal_met"]
     return out
