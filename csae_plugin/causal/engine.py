@@ -17,6 +17,7 @@ engine is tested against number for number.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -324,13 +325,14 @@ def _run_pairs(
     copies = [(p, v) for p in order for v in range(n_var)]
     for c0 in range(0, len(copies), batch_size):
         batch = copies[c0 : c0 + batch_size]
-        pair_idx = torch.as_tensor([p for p, _ in batch], device=coeff.device)
+        batch_pairs = [p for p, _ in batch]
+        pair_idx = torch.as_tensor(batch_pairs, device=coeff.device)
         var_idx = torch.as_tensor([v for _, v in batch], device=coeff.device)
-        rows = clean.x.new_tensor([pairs[p][2] for p, _ in batch], dtype=torch.long)
-        t0 = torch.as_tensor(first[[p for p, _ in batch]], device=clean.x.device)
+        rows = clean.x.new_tensor([pairs[p][2] for p in batch_pairs], dtype=torch.long)
+        t0 = torch.as_tensor(first[batch_pairs], device=clean.x.device)
         dirs = directions[pair_idx, var_idx]
         c = coeff[pair_idx]
-        start = int(first[[p for p, _ in batch]].min()) if clean.kv is not None else 0
+        start = int(first[batch_pairs].min()) if clean.kv is not None else 0
         kl = torch.zeros(len(batch), dtype=torch.float64)
         if start < n_ctx:
             delta = c[:, start:, None] * dirs[:, None, :]
@@ -434,8 +436,6 @@ def estimate_seconds(
     """A rough time for :func:`latent_effects` on ``n_latents``, from timing one tail forward
     and unembedding of ``batch_size`` copies of a token row here, now (an upper estimate: it
     counts every position, where the engine skips those before the first intervened one)."""
-    import time
-
     setup = prepare_inputs(model, sae, tokens[:1], bos_token_id)
     with torch.no_grad():
         x, start_input = capture_rows(setup, torch.tensor([0]))

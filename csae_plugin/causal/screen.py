@@ -201,12 +201,15 @@ def _sampled_gradients(setup, x, start_input, rows, samples, generator):
         h_rows = h.reshape(-1, h.shape[-1])[valid]
         with torch.no_grad():
             w_u = model.unembed.W_U.float()
-            z = torch.addmm(model.unembed.b_U.float(), h_rows.float(), w_u)
+            capped = logits(
+                model, h_rows.detach()
+            )  # one unembedding; soft-capped if the model caps
             cap = model.cfg.output_logits_soft_cap
-            slope = 1 - torch.tanh(z / cap) ** 2 if cap and cap > 0 else None
-            probs = logits(model, h_rows.detach()).softmax(-1)
+            # d cap tanh(z / cap) / dz = 1 - tanh^2 = 1 - (capped / cap)^2
+            slope = 1 - (capped / cap) ** 2 if cap and cap > 0 else None
+            probs = capped.softmax(-1)
+            del capped
             expected = (probs if slope is None else probs * slope) @ w_u.T  # [rows, d_model]
-            del z
         for _ in range(samples):
             labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             picked = w_u[:, labels].T

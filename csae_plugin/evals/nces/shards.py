@@ -117,12 +117,10 @@ def chunked_effects(
         _save(compute(chunks[c]), _chunk_path(work, c))
         bar.update(len(chunks[c]))
     bar.close()
-    barrier()
+    barrier()  # every chunk is written
     if rank != 0:
-        barrier()
         return None
     merged = _merge([_load(_chunk_path(work, c)) for c in range(len(chunks))])
-    barrier()
     shutil.rmtree(work, ignore_errors=True)
     return merged
 
