@@ -81,16 +81,19 @@ def planted_sae() -> StandardSAE:
 
 def test_1_labels_on_a_hand_made_sequence():
     vocabulary = ["<pad>", "<bos>", ".", "  ", "The", " The", "io", "Bytes", "(", " (", "1"]
-    vocabulary += ["2", "x", " x"]
+    vocabulary += ["2", "x", " x", ")", ","]
     tok = FakeTokenizer(vocabulary)
     concepts = {c.name: c for c in pr.default_concepts(tok)}
     index = {text: i for i, text in enumerate(vocabulary)}
-    text = "<bos>|1|io|.|Bytes|(|x|.|  |The| (|1|2|.| The".split("|")
+    text = "<bos>|1|io|.|Bytes|(|x|,|x|)|.|  |The| (|1|2|.| The".split("|")
     tokens = torch.tensor([[index[t] for t in text]])
     expected = {
-        "digit": [10, 11],  # not 0: position 0 is BOS, never labelled
-        "code_paren": [4],  # "Bytes" -> "(" ; the spaced " (" at 10 is prose
-        "sentence_start": [8, 13],  # ".  The" and ". The"; "io.Bytes" is not a sentence
+        "digit": [13, 14],  # not 0: position 0 is BOS, never labelled
+        "code_paren": [4],  # "Bytes" -> "(" ; the spaced " (" at 13 is prose
+        "sentence_start": [11, 16],  # ".  The" and ". The"; "io.Bytes" is not a sentence
+        "close_paren": [8],
+        "comma": [6],
+        "attribute": [3],  # "io." -> "Bytes"; ".  " and ". The" are not attributes
     }
     for name, positions in expected.items():
         got = pr.concept_positions(tokens, concepts[name], bos_token_id=index["<bos>"])

@@ -294,6 +294,28 @@ def test_kl_term_lowers_downstream_kl_against_the_same_run_without_it(tiny_model
     assert kls[10.0] < 0.8 * kls[0.0], kls
 
 
+def test_kl_positions_scores_a_random_subset_of_rows_an_unbiased_estimate(tiny_model):
+    """``kl_positions``: the term is the mean KL over ``positions * n_seq`` rows drawn among
+    the scored ones (so between the smallest and largest per-row KL), all rows when that is
+    as many as there are, and averages to the full term over draws."""
+    sae = trained("topk", steps=5)
+    tokens = make_tokens(4, seed=7)
+    context = CausalTrainingContext(
+        model=tiny_model,
+        hook_name=HOOK,
+        next_tokens=None,
+        special_ids=torch.tensor([BOS]),
+    )
+    with torch.no_grad():
+        full = context.spliced_kl(sae, tokens).item()
+        assert context.spliced_kl(sae, tokens, positions=tokens.shape[1]).item() == full
+        torch.manual_seed(0)
+        draws = torch.tensor([context.spliced_kl(sae, tokens, positions=2).item() for _ in range(300)])
+    assert full > 0
+    assert draws.std() > 0.05 * full  # a subset really is drawn, differently each time
+    assert abs(draws.mean().item() - full) < 0.05 * full, (draws.mean().item(), full)
+
+
 # 6. conformance with SAELens's own architecture tests
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fold_activation_norm_scaling_factor_preserves_outputs(activation):

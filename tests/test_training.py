@@ -69,3 +69,47 @@ def test_train_sae_output_has_no_library_notices(tmp_path, caplog, recwarn):
         )
     said = [str(w.message).strip() for w in recwarn] + [r.getMessage() for r in caplog.records]
     assert not [s for s in said if s.startswith(LIBRARY_NOTICES)], said
+
+
+def test_activations_cached_once_train_every_architecture_and_the_causal_kl(tmp_path):
+    """``cache_activations`` stores exactly the model's activations of the token set (each
+    row with its token ids), is reused for the same inputs and refuses others;
+    SAEs train from it without running the model, except the causal SAE's KL term."""
+    import datasets
+
+    from csae_plugin.training import cache_activations
+
+    model, tokens = make_tiny_model(), make_tokens(32, seed=5)
+    path = cache_activations(model, HOOK, tokens, tmp_path / "cache")
+    cached = datasets.load_from_disk(str(path)).with_format("torch")
+    with torch.no_grad():
+        _, acts = model.run_with_cache(tokens, names_filter=[HOOK])
+    assert len(cached) == tokens.shape[0]  # no row wrapped around to fill a shard
+    torch.testing.assert_close(cached["token_ids"].long(), tokens)
+    torch.testing.assert_close(cached[HOOK], acts[HOOK])
+    assert cache_activations(model, HOOK, tokens, path) == path  # reused
+    with pytest.raises(ValueError, match="other settings"):
+        cache_activations(model, HOOK, tokens[:16], path)
+
+    forwards = []
+    # positions the model runs on (the runner's own 2-token shape check aside)
+    model.blocks[0].register_forward_hook(lambda _, args, out: forwards.append(out.shape[1]))
+    for architecture in ("topk", "causal"):
+        forwards.clear()
+        sae, runner = train_sae(
+            model,
+            HOOK,
+            tokens,
+            TrainSpec(architecture, 64, 4, {"kl_every": 4} if architecture == "causal" else {}),
+            training_tokens=64 * 16,
+            output_path=tmp_path / architecture,
+            batch_size_tokens=64,
+            exclude_special_tokens=[BOS],
+            norm_estimate_batches=2,
+            cached_activations_path=path,
+        )
+        assert runner.cfg.use_cached_activations and runner.cfg.total_training_steps == 16
+        # TopK never runs the model; the causal SAE only for its 4 KL steps (capture + tails)
+        assert (max(forwards) > 2) == (architecture == "causal"), (architecture, forwards)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        cache_activations(model, HOOK, tokens[:12], tmp_path / "odd")

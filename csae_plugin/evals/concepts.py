@@ -48,7 +48,7 @@ def vocabulary_ids(
 
 
 def default_concepts(tokenizer: PreTrainedTokenizerBase) -> list[Concept]:
-    """Three concepts frequent in the embedded stdlib-documentation corpus.
+    """Six concepts frequent in the embedded stdlib-documentation corpus.
 
     * ``digit``: the next token is a number (its text, stripped, is all digits). Gemma splits
       numbers into single digits, so this includes continuing a number: ~2.4% of positions.
@@ -60,6 +60,10 @@ def default_concepts(tokenizer: PreTrainedTokenizerBase) -> list[Concept]:
       (end, spaces, ``X``); the mass is over both kinds of capitalised token. A capital
       glued to a period (``io.BytesIO``) is not a sentence start and is not labelled: ~1%
       of positions.
+    * ``close_paren``: the next token starts with ``)`` (closing a call or an aside).
+    * ``comma``: the next token is a comma (its text, stripped, is ``,``).
+    * ``attribute``: the next token is a name glued to a ``.`` (``os.path``, ``io.BytesIO``):
+      a token starting with a letter or ``_`` right after a token that is exactly ``.``.
     """
     vocabulary = decoded_vocabulary(tokenizer)
     digit = vocabulary_ids(vocabulary, lambda s: s.strip() != "" and s.strip().isdigit())
@@ -70,6 +74,10 @@ def default_concepts(tokenizer: PreTrainedTokenizerBase) -> list[Concept]:
         vocabulary, lambda s: s.strip() != "" and s.rstrip(" ").endswith(SENTENCE_END)
     )
     spaces = vocabulary_ids(vocabulary, lambda s: s != "" and set(s) == {" "})
+    close = vocabulary_ids(vocabulary, lambda s: s.startswith(")"))
+    comma = vocabulary_ids(vocabulary, lambda s: s.strip() == ",")
+    dot = vocabulary_ids(vocabulary, lambda s: s == ".")
+    glued_name = vocabulary_ids(vocabulary, lambda s: re.match(r"[A-Za-z_]", s) is not None)
     return [
         Concept("digit", digit),
         Concept("code_paren", paren),
@@ -78,6 +86,9 @@ def default_concepts(tokenizer: PreTrainedTokenizerBase) -> list[Concept]:
             spaced_upper | glued_upper,
             patterns=((end, spaced_upper), (end, spaces, glued_upper)),
         ),
+        Concept("close_paren", close),
+        Concept("comma", comma),
+        Concept("attribute", glued_name, patterns=((dot, glued_name),)),
     ]
 
 

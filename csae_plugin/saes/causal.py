@@ -100,6 +100,11 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
             through the model after the hook; in the project's study (``evals/REPORT.md``, Gemma
             3 270M, 40 steps) every 10 steps lowered the KL-div score while every step did not.
         kl_batch_size: token sequences per KL step.
+        kl_positions: positions per KL sequence whose output distributions are compared,
+            drawn at random among the scored ones each KL step (0: all). The reconstruction is
+            still spliced in at every position; only the unembedding, which dominates a KL
+            step's cost for large vocabularies, is restricted, so the term stays an unbiased
+            estimate of the mean KL over positions (``evals/study.py`` measures what it costs).
         verify_every: run causal verification every this many steps (term 4); 0 switches it off.
         verify_latents: latents checked per verification (a rotating subset).
         verify_seqs_per_latent: sequences per latent in a verification.
@@ -117,6 +122,7 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
     lambda_kl: float = 1.0
     kl_every: int = 10
     kl_batch_size: int = 4
+    kl_positions: int = 0
     verify_every: int = 0
     verify_latents: int = 64
     verify_seqs_per_latent: int = 4
@@ -133,6 +139,8 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
             )
         if self.kl_batch_size < 1:
             raise ValueError(f"kl_batch_size={self.kl_batch_size} must be >= 1")
+        if self.kl_positions < 0:
+            raise ValueError(f"kl_positions={self.kl_positions} must be >= 0 (0: all positions)")
         if self.lambda_kl < 0:
             raise ValueError(f"lambda_kl={self.lambda_kl} must be >= 0")
         if self.verify_every < 0:

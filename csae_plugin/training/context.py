@@ -42,13 +42,17 @@ class CausalTrainingContext:
     def __post_init__(self) -> None:
         self.plan = parse_hook(self.hook_name)  # an unsupported hook fails before training
 
-    def spliced_kl(self, sae: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    def spliced_kl(
+        self, sae: torch.nn.Module, tokens: torch.Tensor, positions: int = 0
+    ) -> torch.Tensor:
         """KL(p_clean || p_spliced) on ``tokens`` (:func:`csae_plugin.training.kl.spliced_kl`)."""
-        return spliced_kl(self.model, self.plan, sae, tokens, self.special_ids, self.scaler)
+        return spliced_kl(
+            self.model, self.plan, sae, tokens, self.special_ids, self.scaler, positions
+        )
 
     def kl_term(self, sae: CausalTrainingSAE) -> torch.Tensor:
         tokens = self.next_tokens(sae.cfg.kl_batch_size)
-        return self.spliced_kl(sae, tokens)
+        return self.spliced_kl(sae, tokens, sae.cfg.kl_positions)
 
     def verify(
         self,

@@ -83,9 +83,15 @@ def spliced_kl(
     tokens: torch.Tensor,
     special_ids: torch.Tensor | None = None,
     scaler: ActivationScaler | None = None,
+    positions: int = 0,
 ) -> torch.Tensor:
     """KL(p_clean || p_spliced) with the SAE's reconstruction spliced in at the hook at every
     scored position (BOS/padding keep their clean activation). Differentiable in the SAE.
+
+    ``positions`` > 0 compares the output distributions at that many positions per sequence
+    (``positions * n_sequences`` scored rows drawn without replacement with torch's global
+    generator) instead of all: an unbiased estimate of the same mean at a fraction of the
+    unembedding's cost.
 
     The model runs once up to the hook, and the clean and spliced passes only from there
     (:mod:`csae_plugin.causal.tail`); the KL is reduced chunk by chunk (:class:`_LeanKL`),
@@ -105,6 +111,10 @@ def spliced_kl(
         x, start_input = capture(model, plan, tokens, attention_mask)
         clean_h = run_tail(model, plan, start_input, x, attention_mask)[mask]
     spliced_h = run_tail(model, plan, start_input, splice(x), attention_mask)[mask]
+    n_rows = clean_h.shape[0]
+    if 0 < positions * tokens.shape[0] < n_rows:
+        rows = torch.randperm(n_rows)[: positions * tokens.shape[0]].to(clean_h.device)
+        clean_h, spliced_h = clean_h[rows], spliced_h[rows]
     unembed = model.unembed
     return _LeanKL.apply(
         spliced_h, clean_h.detach(), unembed.W_U, unembed.b_U, model.cfg.output_logits_soft_cap

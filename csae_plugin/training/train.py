@@ -30,6 +30,7 @@ from transformer_lens import HookedTransformer
 from csae_plugin._compat import quiet_library_notices
 from csae_plugin.data import as_hf_dataset
 from csae_plugin.saes.causal import CausalTrainingSAEConfig
+from csae_plugin.training.cache import STORE_BATCH_PROMPTS, hook_width
 from csae_plugin.training.runner import CausalSAETrainingRunner
 
 ARCHITECTURES = ("causal", "standard", "topk", "batchtopk", "jumprelu")
@@ -122,6 +123,7 @@ def train_sae(
     verify_tokens: torch.Tensor | None = None,
     device: str = "cpu",
     norm_estimate_batches: int = 16,
+    cached_activations_path: str | Path | None = None,
 ) -> tuple[SAE, CausalSAETrainingRunner]:
     """Train ``spec`` on activations of ``tokens`` [n, context] at ``hook_name``.
 
@@ -132,12 +134,13 @@ def train_sae(
     would cost more than the whole training on a CPU). The default learning rate suits short
     budgets: on Gemma 3 270M layer 6, a TopK SAE (2048 x k 32, 100k tokens) reached explained
     variance 0.80 at 1e-3 against 0.38 at SAELens's default 3e-4.
-    """
-    d_in = model.cfg.d_model if "resid" in hook_name else None
-    if d_in is None:
-        from csae_plugin.causal.tail import activation_shape
 
-        d_in = int(torch.tensor(activation_shape(model, hook_name)).prod())
+    With ``cached_activations_path`` (:func:`csae_plugin.training.cache.cache_activations`
+    of the same ``tokens``), the activations are read from that cache through SAELens's
+    cached-activations path instead of running the model; a causal SAE's KL and verification
+    terms still draw their sequences from ``tokens``.
+    """
+    d_in = hook_width(model, hook_name)
     cfg = LanguageModelSAERunnerConfig(
         sae=sae_training_config(spec, d_in, hook_name),
         model_name=model.cfg.model_name,
@@ -148,7 +151,11 @@ def train_sae(
         context_size=tokens.shape[1],
         training_tokens=training_tokens,
         train_batch_size_tokens=batch_size_tokens,
-        store_batch_size_prompts=8,
+        store_batch_size_prompts=STORE_BATCH_PROMPTS,
+        use_cached_activations=cached_activations_path is not None,
+        cached_activations_path=None
+        if cached_activations_path is None
+        else str(cached_activations_path),
         # SAELens's mixing buffer holds n_batches_in_buffer * context_size activations
         n_batches_in_buffer=max(16, -(-8 * batch_size_tokens // tokens.shape[1])),
         lr=lr,
