@@ -35,5 +35,6 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
     assert (table.loc[references, "n_scored"] == 3).all()
     assert 0 < table.loc["topk_64_k4", "l0"] <= 4 and table.loc[references, "l0"].isna().all()
     assert {"nces_geomean", "frac_verified", "mean_effect_kl", "n_live"} <= set(table.columns)
+    assert not (tmp_path / "activation_cache").exists()  # both SAEs trained from it, then gone
     settings = json.loads((tmp_path / "comparison.json").read_text())["settings"]
     assert settings["reference_latents"] == 3
