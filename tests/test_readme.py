@@ -27,6 +27,10 @@ def test_readme_snippets_run(tmp_path, monkeypatch, capsys):
     assert "TopKSAE 256" in printed
     assert printed.count("causal") == 2  # trained as "causal", provenance kept when loaded
     assert (tmp_path / "my_causal_sae" / "cfg.json").is_file()
+    # the cached-activations snippet trained both SAEs from one pass of the model
+    assert all(
+        (tmp_path / "saes" / n / "cfg.json").is_file() for n in ("topk_256_k8", "causal_256_k8")
+    )
 
 
 # 2. the GPU example configs build for both setups and both architectures

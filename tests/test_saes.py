@@ -310,7 +310,9 @@ def test_kl_positions_scores_a_random_subset_of_rows_an_unbiased_estimate(tiny_m
         full = context.spliced_kl(sae, tokens).item()
         assert context.spliced_kl(sae, tokens, positions=tokens.shape[1]).item() == full
         torch.manual_seed(0)
-        draws = torch.tensor([context.spliced_kl(sae, tokens, positions=2).item() for _ in range(300)])
+        draws = torch.tensor(
+            [context.spliced_kl(sae, tokens, positions=2).item() for _ in range(300)]
+        )
     assert full > 0
     assert draws.std() > 0.05 * full  # a subset really is drawn, differently each time
     assert abs(draws.mean().item() - full) < 0.05 * full, (draws.mean().item(), full)

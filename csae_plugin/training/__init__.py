@@ -4,7 +4,6 @@ trains any architecture the same way for comparisons (:mod:`.train`), from the m
 activations cached once (:mod:`.cache`)."""
 
 from csae_plugin.training.cache import cache_activations
-
 from csae_plugin.training.runner import CausalSAETrainingRunner
 from csae_plugin.training.train import ARCHITECTURES, TrainSpec, sae_training_config, train_sae
 
