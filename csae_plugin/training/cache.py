@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from unittest import mock
 
+import datasets
 import torch
 from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
 from sae_lens import cache_activations_runner as upstream
@@ -92,11 +93,18 @@ def cache_activations(
         streaming=False,
         buffer_size_gb=(batches // shards * batch_bytes + width * 2) / 1e9,
     )
-    # the runner loads its model by name from the hub; give it this one instead
-    with (
-        quiet_library_notices(),
-        mock.patch.object(upstream, "load_model", lambda **_: model),
-    ):
-        CacheActivationsRunner(cfg, override_dataset=as_hf_dataset(tokens)).run()
+    # the runner loads its model by name from the hub; give it this one instead. Its own
+    # "Caching activations" bar stays; datasets' per-shard "Saving the dataset" bars go.
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        with (
+            quiet_library_notices(),
+            mock.patch.object(upstream, "load_model", lambda **_: model),
+        ):
+            CacheActivationsRunner(cfg, override_dataset=as_hf_dataset(tokens)).run()
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     stamp_file.write_text(json.dumps(stamp) + "\n")
     return path
