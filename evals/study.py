@@ -30,6 +30,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from sweep import (  # evals/ is on sys.path when this runs as a script
@@ -188,33 +189,67 @@ def tables(out: Path) -> str:
     table = table[cols].sort_values(["architecture", "seed"], na_position="last")
     table.to_csv(out / "table.csv")
     metric_cols = [c for c in cols if c not in ("architecture", "seed")]
-    by_arch = table.groupby("architecture")[metric_cols].agg(["mean", "std", "count"])
-    by_arch.columns = [f"{c} {s}" for c, s in by_arch.columns]
+    by_arch = pd.DataFrame(
+        {
+            c: table.groupby("architecture")[c].agg(
+                lambda v: (
+                    f"{v.mean():.3g} ± {v.std():.2g} ({v.count()})"
+                    if v.count() > 1
+                    else (f"{v.mean():.3g}" if v.count() else "")
+                )
+            )
+            for c in metric_cols
+        }
+    )
     pooled = {}
     for arch in table["architecture"].unique():
-        live = [
-            d
-            for n in table.index[table["architecture"] == arch]
-            for d in details.get(n, [])
-            if not d["dead"]
-        ]
+        names = table.index[table["architecture"] == arch]
+        live = [d for n in names for d in details.get(n, []) if not d["dead"]]
+        logs = np.log([d["nces"] for d in live if d["nces"] and d["nces"] > 0])
+        boot = np.random.default_rng(0).choice(logs, (2000, len(logs))).mean(1)
         verified = sum(d["verified"] for d in live)
         pooled[arch] = {
-            "latents": len(live),
+            "seeds": len(names),
+            "live_latents": len(live),
             "verified": verified,
             "frac_verified_pooled": verified / max(len(live), 1),
+            "nces_geomean_pooled": float(np.exp(logs.mean())),
+            "ci_low": float(np.exp(np.quantile(boot, 0.025))),
+            "ci_high": float(np.exp(np.quantile(boot, 0.975))),
         }
     pooled_df = pd.DataFrame.from_dict(pooled, orient="index")
+    pooled_df.to_csv(out / "pooled.csv")
+    plot_pooled(pooled_df, out / "plots" / "pooled_nces.png")
     text = "## Per SAE\n\n" + table.to_markdown(floatfmt=".3g") + "\n\n"
-    text += "## Per architecture over seeds (mean, sd, count)\n\n"
-    text += by_arch.T.to_markdown(floatfmt=".3g") + "\n\n"
-    text += "## Verified latents pooled over seeds\n\n" + pooled_df.to_markdown(floatfmt=".3g")
+    text += "## Per architecture: mean ± sd over seeds (number of seeds)\n\n"
+    text += by_arch.to_markdown() + "\n\n"
+    text += "## Pooled over seeds: live scored latents, verified, geometric-mean NCES [95% CI]\n\n"
+    text += pooled_df.to_markdown(floatfmt=".3g")
     text += "\n\n" + goal_check(table, pooled, out) + "\n"
     probing = out / "probing.json"
     if probing.is_file():
         text += "\n## Targeted probing (six concepts)\n\n" + probing_table(probing) + "\n"
     (out / "summary.md").write_text(text)
     return text
+
+
+def plot_pooled(pooled: pd.DataFrame, path: Path) -> None:
+    """Pooled geometric-mean NCES per architecture and reference, with its 95% CI."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 0.4 * len(pooled) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    mid = pooled["nces_geomean_pooled"].to_numpy(float)
+    err = [mid - pooled["ci_low"].to_numpy(float), pooled["ci_high"].to_numpy(float) - mid]
+    ax.errorbar(mid, range(len(pooled)), xerr=err, fmt="o", capsize=3)
+    ax.axvline(1.0, color="grey", lw=0.8)
+    labels = [
+        f"{a} ({int(n)} latents)" for a, n in zip(pooled.index, pooled["live_latents"], strict=True)
+    ]
+    ax.set_yticks(range(len(pooled)), labels)
+    ax.set_xlabel("geometric-mean NCES, matched null, pooled over seeds (95% bootstrap CI)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def goal_check(table: pd.DataFrame, pooled: dict, out: Path) -> str:
@@ -238,8 +273,14 @@ def goal_check(table: pd.DataFrame, pooled: dict, out: Path) -> str:
                 f"{c.ce_loss_score:.3f} vs {b.ce_loss_score:.3f} (within 0.01: "
                 f"{c.ce_loss_score >= b.ce_loss_score - 0.01}); L0 {c.l0:.1f} vs {b.l0:.1f}"
             )
-        diff = pooled["causal"]["frac_verified_pooled"] - pooled[base]["frac_verified_pooled"]
-        lines.append(f"- pooled over seeds, causal vs {base}: frac_verified difference {diff:+.3f}")
+        c, b = pooled["causal"], pooled[base]
+        lines.append(
+            f"- pooled over seeds, causal vs {base}: frac_verified difference "
+            f"{c['frac_verified_pooled'] - b['frac_verified_pooled']:+.3f}; geomean "
+            f"{c['nces_geomean_pooled']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}] vs "
+            f"{b['nces_geomean_pooled']:.2f} [{b['ci_low']:.2f}, {b['ci_high']:.2f}] "
+            f"(above: {c['ci_low'] > b['ci_high']})"
+        )
     return "\n".join(lines)
 
 
