@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformer_lens.utilities.activation_functions import softcap_enabled
 from sweep import HOOK, machine
 
 from csae_plugin.causal.tail import capture, padding_masks, parse_hook, run_tail, special_token_mask
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "relative_sd": draws.std().item() / full,
             }
 
+    cap = model.cfg.output_logits_soft_cap
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        z = model.unembed(h[:, None])[:, 0].float()
+        return (z / cap).tanh() * cap if softcap_enabled(cap) else z
+
     # the clean side's share: its tail and unembedding of 4 sequences' scored rows
     plan = parse_hook(HOOK)
     batch = tokens[:4]
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             x, start = capture(model, plan, batch, attention_mask)
             h = run_tail(model, plan, start, x, attention_mask)[mask]
-            model.unembed(h[:, None]).log_softmax(-1)
+            logits(h).log_softmax(-1)
 
     clean_seconds = timed(clean_side, args.repeats)
 
@@ -107,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         recon = sae.decode(sae.encode(x))
         spliced_x = torch.where(mask[..., None], recon, x)
         spliced = run_tail(model, plan, start, spliced_x, attention_mask)[mask]
-        logp = model.unembed(clean[:, None])[:, 0].float().log_softmax(-1)
-        logq = model.unembed(spliced[:, None])[:, 0].float().log_softmax(-1)
+        logp = logits(clean).log_softmax(-1)
+        logq = logits(spliced).log_softmax(-1)
         exact = (logp.exp() * (logp - logq)).sum(-1)
         truncation = {}
         for m in (64, 1024, 16384):
