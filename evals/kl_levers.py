@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformer_lens.utilities.activation_functions import softcap_enabled
 from sweep import HOOK, machine
+from transformer_lens.utilities.activation_functions import softcap_enabled
 
 from csae_plugin.causal.tail import capture, padding_masks, parse_hook, run_tail, special_token_mask
 from csae_plugin.data import corpus_splits
