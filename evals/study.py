@@ -288,20 +288,23 @@ def goal_check(table: pd.DataFrame, pooled: dict, out: Path) -> str:
 
 
 def probing_table(path: Path) -> str:
+    """Per probed SAE: the mean difference in nats (probe latents minus matched random latents,
+    with its joint bootstrap CI) per concept and overall, and how many concepts are consistent
+    (the concept's CI above 0). The drop ratio is left out: its denominator is often <= 0."""
     rows = []
     for name, r in json.loads(path.read_text()).items():
         s = r["summary"]
-        row = {
-            "sae": name,
-            "ratio_geomean": s.get("ratio_geomean"),
-            "ci_low": s.get("ratio_geomean_ci_low"),
-            "ci_high": s.get("ratio_geomean_ci_high"),
-            "difference_mean": s.get("difference_mean"),
-            "consistent": sum(bool(c.get("consistent")) for c in r["concepts"]),
-            "concepts": len(r["concepts"]),
-        }
+        row = {"sae": name}
+        row |= {c["concept"]: c["difference"] for c in r["concepts"]}
+        row["consistent"] = (
+            f"{sum(bool(c['consistent']) for c in r['concepts'])} / {len(r['concepts'])}"
+        )
+        row["mean [95% CI]"] = (
+            f"{s['difference_mean']:.3f} [{s['difference_mean_ci_low']:.3f}, "
+            f"{s['difference_mean_ci_high']:.3f}]"
+        )
         rows.append(row)
-    return pd.DataFrame(rows).set_index("sae").to_markdown(floatfmt=".3g")
+    return pd.DataFrame(rows).set_index("sae").to_markdown(floatfmt=".3f")
 
 
 def run_variant(model, splits, train, bos, variant: str, seeds, out: Path) -> None:
