@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     # the model runs once over the training rows; both SAEs train from the cached activations
     # (the causal SAE's KL term still runs the model, on the same rows)
-    rows = -(-args.training_tokens // args.context_size)
-    rows = min(-(-rows // STORE_BATCH_PROMPTS) * STORE_BATCH_PROMPTS, len(splits.train))
-    rows -= rows % STORE_BATCH_PROMPTS
+    # rows the training reads, in whole store batches (at most the whole training split)
+    batches = -(-args.training_tokens // (args.context_size * STORE_BATCH_PROMPTS))
+    rows = min(batches, len(splits.train) // STORE_BATCH_PROMPTS) * STORE_BATCH_PROMPTS
     train_rows = splits.train[:rows]
     print(f"[demo] caching activations of {train_rows.numel():,} training tokens", flush=True)
     t0 = time.perf_counter()

@@ -26,9 +26,15 @@ from pathlib import Path
 
 import torch
 from sweep import HOOK, machine
-from transformer_lens.utilities.activation_functions import softcap_enabled
 
-from csae_plugin.causal.tail import capture, padding_masks, parse_hook, run_tail, special_token_mask
+from csae_plugin.causal.tail import (
+    capture,
+    logits,
+    padding_masks,
+    parse_hook,
+    run_tail,
+    special_token_mask,
+)
 from csae_plugin.data import corpus_splits
 from csae_plugin.models import load_model
 from csae_plugin.saes.loading import load_sae
@@ -87,12 +93,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "relative_sd": draws.std().item() / full,
             }
 
-    cap = model.cfg.output_logits_soft_cap
-
-    def logits(h: torch.Tensor) -> torch.Tensor:
-        z = model.unembed(h[:, None])[:, 0].float()
-        return (z / cap).tanh() * cap if softcap_enabled(cap) else z
-
     # the clean side's share: its tail and unembedding of 4 sequences' scored rows
     plan = parse_hook(HOOK)
     batch = tokens[:4]
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             x, start = capture(model, plan, batch, attention_mask)
             h = run_tail(model, plan, start, x, attention_mask)[mask]
-            logits(h).log_softmax(-1)
+            logits(model, h).log_softmax(-1)
 
     clean_seconds = timed(clean_side, args.repeats)
 
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         recon = sae.decode(sae.encode(x))
         spliced_x = torch.where(mask[..., None], recon, x)
         spliced = run_tail(model, plan, start, spliced_x, attention_mask)[mask]
-        logp = logits(clean).log_softmax(-1)
-        logq = logits(spliced).log_softmax(-1)
+        logp = logits(model, clean).log_softmax(-1)
+        logq = logits(model, spliced).log_softmax(-1)
         exact = (logp.exp() * (logp - logq)).sum(-1)
         truncation = {}
         for m in (64, 1024, 16384):

@@ -114,29 +114,37 @@ def measure_rates(model, tokens, bos, out: Path, causal: dict, path: Path) -> di
     return result
 
 
+def train_one(
+    model, tokens, cache, bos, name: str, spec: TrainSpec, steps: int, seed: int, out: Path
+) -> Path:
+    """Train ``spec`` from the activation cache into ``out/saes/name`` (kept if already there),
+    with its wall-clock seconds beside it."""
+    folder = out / "saes" / name
+    if (folder / "cfg.json").is_file():
+        return folder
+    t0 = time.perf_counter()
+    train_sae(
+        model,
+        HOOK,
+        tokens,
+        spec,
+        training_tokens=steps * BATCH_TOKENS,
+        output_path=folder,
+        seed=seed,
+        exclude_special_tokens=[bos],
+        cached_activations_path=cache,
+    )
+    seconds = time.perf_counter() - t0
+    (folder / "train_seconds.json").write_text(json.dumps(seconds) + "\n")
+    print(f"[study] trained {name} ({steps} steps) in {seconds:.0f} s", flush=True)
+    return folder
+
+
 def train_seed(model, tokens, cache, bos, seed: int, equal_steps: int, out: Path) -> list[Path]:
-    folders = []
-    for name, spec, steps in specs(seed, equal_steps):
-        folder = out / "saes" / name
-        folders.append(folder)
-        if (folder / "cfg.json").is_file():
-            continue
-        t0 = time.perf_counter()
-        train_sae(
-            model,
-            HOOK,
-            tokens,
-            spec,
-            training_tokens=steps * BATCH_TOKENS,
-            output_path=folder,
-            seed=seed,
-            exclude_special_tokens=[bos],
-            cached_activations_path=cache,
-        )
-        seconds = time.perf_counter() - t0
-        (folder / "train_seconds.json").write_text(json.dumps(seconds) + "\n")
-        print(f"[study] trained {name} ({steps} steps) in {seconds:.0f} s", flush=True)
-    return folders
+    return [
+        train_one(model, tokens, cache, bos, name, spec, steps, seed, out)
+        for name, spec, steps in specs(seed, equal_steps)
+    ]
 
 
 def probe(model, splits, folders: list[Path], out: Path) -> None:
@@ -174,7 +182,7 @@ def tables(out: Path) -> str:
     details = {}
     for p in (out / "eval_results" / "nces").glob("*_eval_results.json"):
         name = p.name.removeprefix("local_").removesuffix("_eval_results.json")
-        details[name] = [d for d in json.loads(p.read_text())["eval_result_details"]]
+        details[name] = json.loads(p.read_text())["eval_result_details"]
     named = [re.fullmatch(r"(.+)_s(\d+)", i) for i in table.index]
     table["architecture"] = [m[1] if m else i for m, i in zip(named, table.index, strict=True)]
     table["seed"] = [int(m[2]) if m else None for m in named]
@@ -313,25 +321,10 @@ def run_variant(model, splits, train, bos, variant: str, seeds, out: Path) -> No
     causal = VARIANTS[variant]
     measure_rates(model, train, bos, out, causal, out / f"rates_{variant}.json")
     cache = cache_activations(model, HOOK, train, out / "cache")
+    spec = TrainSpec("causal", PRESET.d_sae, K, dict(causal))
     for seed in seeds:
         name = f"causal{variant}_s{seed}"
-        folder = out / "saes" / name
-        if not (folder / "cfg.json").is_file():
-            t0 = time.perf_counter()
-            train_sae(
-                model,
-                HOOK,
-                train,
-                TrainSpec("causal", PRESET.d_sae, K, dict(causal)),
-                training_tokens=STEPS * BATCH_TOKENS,
-                output_path=folder,
-                seed=seed,
-                exclude_special_tokens=[bos],
-                cached_activations_path=cache,
-            )
-            seconds = time.perf_counter() - t0
-            (folder / "train_seconds.json").write_text(json.dumps(seconds) + "\n")
-            print(f"[study] trained {name} in {seconds:.0f} s", flush=True)
+        folder = train_one(model, train, cache, bos, name, spec, STEPS, seed, out)
         score(["core", "nces"], [folder], model, splits, PRESET, out / "eval_results", "zero", 0)
         tables(out)
 

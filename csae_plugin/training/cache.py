@@ -48,8 +48,8 @@ def cache_activations(
     """Run ``model`` over every row of ``tokens`` [n, context] once and save its activations
     at ``hook_name`` (with the token ids) as SAELens's cached-activation dataset at ``path``,
     rows in the order of ``tokens`` (SAELens's own shuffle is not written to disk; training
-    mixes activations in its buffer as it does from the model). An existing cache at ``path`` made from the same settings is
-    reused; one from other settings is an error, never silently mixed in."""
+    mixes activations in its buffer as it does from the model). An existing cache at ``path``
+    made from the same inputs is reused; one from other inputs is an error, never mixed in."""
     path = Path(path)
     n_seq, context = tokens.shape
     if n_seq % STORE_BATCH_PROMPTS:
