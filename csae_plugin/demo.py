@@ -45,6 +45,12 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--lambda-kl", type=float, default=1.0, help="causal SAE's KL weight")
     parser.add_argument("--kl-every", type=int, default=10)
+    parser.add_argument(
+        "--kl-positions",
+        type=int,
+        default=32,
+        help="positions per KL sequence compared (an unbiased estimate; 0: all)",
+    )
     parser.add_argument("--latents", type=int, default=16, help="latents scored by nces")
     parser.add_argument(
         "--reference-latents",
@@ -85,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             "causal",
             args.d_sae,
             args.k,
-            {"lambda_kl": args.lambda_kl, "kl_every": args.kl_every},
+            {
+                "lambda_kl": args.lambda_kl,
+                "kl_every": args.kl_every,
+                "kl_positions": args.kl_positions,
+            },
         ),
         TrainSpec("topk", args.d_sae, args.k),
     ]

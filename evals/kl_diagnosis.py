@@ -15,8 +15,11 @@ SAEs (``evals/study.py``), on the embedded Gemma 3 270M.
    ``lambda * grad KL`` (the study's setting and the variant's) against the norm of the MSE
    gradient of one 1024-token batch, and the KL estimates' signal-to-noise ratio (cosine of
    independent estimates with each other).
+4. **Do the estimates point downhill for the held-out KL?** The cosine of each estimate (the
+   exact term at the three settings, its second-order form, the MSE gradient, and the exact
+   term on 32 training sequences) with the gradient of the held-out KL itself.
 
-    python evals/kl_diagnosis.py   # about 10 minutes on 2 cores
+    python evals/kl_diagnosis.py [--parts 1,2,3,4]   # about 15 minutes on 2 cores
 
 Writes ``evals/results/kl_diagnosis_cpu.json``.
 """
@@ -83,104 +86,191 @@ def grads(sae, loss: torch.Tensor) -> torch.Tensor:
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--draws", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=1e-5, help="Adam's for check 2")
-    parser.add_argument("--out", type=Path, default=RESULTS / "kl_diagnosis_cpu.json")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    model = load_model("gemma-3-270m")
-    preset = PRESETS["cpu"]
-    splits = corpus_splits(model.tokenizer, 128, seed=0)
-    eval_tokens = splits.eval[: preset.n_eval_sequences, : preset.nces_context]
-    train_tokens = splits.train
-    bos = torch.tensor([model.tokenizer.bos_token_id])
-    plan = parse_hook(HOOK)
-    result: dict = {"machine": machine(), "hook": HOOK, "eval_tokens": list(eval_tokens.shape)}
+class Setup:
+    """The model, tokens and the study's TopK SAE in training space, loaded once."""
 
-    # 1. the term's function against core's number
+    def __init__(self) -> None:
+        self.model = load_model("gemma-3-270m")
+        preset = PRESETS["cpu"]
+        splits = corpus_splits(self.model.tokenizer, 128, seed=0)
+        self.eval_tokens = splits.eval[: preset.n_eval_sequences, : preset.nces_context]
+        self.train_tokens = splits.train
+        self.bos = torch.tensor([self.model.tokenizer.bos_token_id])
+        self.plan = parse_hook(HOOK)
+        # the scale SAELens trained with: sqrt(d_in) / mean norm of (non-BOS) activations
+        rows = self.train_tokens[:64]
+        with torch.no_grad():
+            _, mask = padding_masks(self.model, rows)
+            x, _ = capture(self.model, self.plan, rows, mask)
+        self.x = x[special_token_mask(rows, self.bos)]
+        self.scale = (self.x.shape[-1] ** 0.5 / self.x.norm(dim=-1).mean()).item()
+        self.scaler = ActivationScaler(scaling_factor=self.scale)
+        path = STUDY / "cache" / "fisher_train_rows_64-96.pt"  # beside the ignored cache
+        if path.is_file():
+            self.fisher = torch.load(path)
+        else:
+            self.fisher = hook_fisher(
+                self.model, HOOK, self.train_tokens[64:96], special_ids=self.bos, samples=2
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.fisher, path)
+        self.cursor = 128  # training rows handed out so far (0-127 are used above)
+
+    def topk(self) -> TopKTrainingSAE:
+        return training_space_topk(STUDY / "saes" / "topk_s0", self.scale)
+
+    def next_rows(self, n: int) -> torch.Tensor:
+        rows = self.train_tokens[self.cursor : self.cursor + n]
+        self.cursor += n
+        return rows
+
+    def kl(self, sae, tokens: torch.Tensor, positions: int = 0) -> torch.Tensor:
+        return spliced_kl(self.model, self.plan, sae, tokens, self.bos, self.scaler, positions)
+
+    def fisher_kl(self, sae) -> torch.Tensor:
+        batch = self.scaler.scale(self.x[torch.randint(0, self.x.shape[0], (1024,))])
+        recon = sae.decode(sae.encode(batch))
+        return fisher_kl(self.scaler.unscale(recon) - self.scaler.unscale(batch), self.fisher)
+
+    def mse(self, sae) -> torch.Tensor:
+        batch = self.scaler.scale(self.x[torch.randint(0, self.x.shape[0], (1024,))])
+        return (sae.decode(sae.encode(batch)) - batch).square().sum(-1).mean()
+
+    def held_out(self, sae) -> dict[str, float]:
+        return held_out(self.model, self.plan, sae, self.scaler, self.eval_tokens, self.bos)
+
+
+def same_quantity(s: Setup) -> dict:
+    """1. The term's function on core's tokens against core's number."""
     same = {}
     for name in SAES:
         sae = load_sae_from_folder(STUDY / "saes" / name)
-        ours = held_out(model, plan, sae, ActivationScaler(), eval_tokens, bos)
+        ours = held_out(s.model, s.plan, sae, ActivationScaler(), s.eval_tokens, s.bos)
         same[name] = {"spliced_kl": ours["kl"], "core_kl_div_with_sae": core_kl(name)}
         print(f"[1] {name}: {same[name]}", flush=True)
-    result["same_quantity"] = same
+    return same
 
-    # the scale SAELens trained with: sqrt(d_in) / mean norm of (non-BOS) training activations
-    with torch.no_grad():
-        _, mask = padding_masks(model, train_tokens[:64])
-        x, _ = capture(model, plan, train_tokens[:64], mask)
-        x = x[special_token_mask(train_tokens[:64], bos)]
-    scale = (x.shape[-1] ** 0.5 / x.norm(dim=-1).mean()).item()
-    scaler = ActivationScaler(scaling_factor=scale)
-    mse_batch = scaler.scale(x[torch.randperm(x.shape[0])[:1024]])
-    result["scaling_factor"] = scale
 
-    # 3. gradient norms and signal-to-noise at the trained TopK SAE
-    sae = training_space_topk(STUDY / "saes" / "topk_s0", scale)
-    recon = sae.decode(sae.encode(mse_batch))
-    g_mse = grads(sae, (recon - mse_batch).square().sum(-1).mean())
-    stats = {"mse_grad_norm": g_mse.norm().item()}
-    cursor = 0
+def cosines(draws: list[torch.Tensor]) -> float:
+    pairs = [
+        F.cosine_similarity(draws[i], draws[j], dim=0).item()
+        for i in range(len(draws))
+        for j in range(i + 1, len(draws))
+    ]
+    return sum(pairs) / len(pairs)
+
+
+def gradient_noise(s: Setup, n_draws: int) -> dict:
+    """3. Norms and signal-to-noise of the KL gradient estimates at the TopK SAE."""
+    sae = s.topk()
+    mse_draws = [grads(sae, s.mse(sae)) for _ in range(n_draws)]
+    mse_norm = torch.stack([d.norm() for d in mse_draws]).mean()
+    g_mse = torch.stack(mse_draws).mean(0)
+    stats: dict = {
+        "mse_1024_tokens": {
+            "grad_norm_mean": mse_norm.item(),
+            "grad_norm_range": [
+                min(d.norm().item() for d in mse_draws),
+                max(d.norm().item() for d in mse_draws),
+            ],
+            "cosine_between_draws_mean": cosines(mse_draws),
+        }
+    }
     for setting, (lam, seqs, positions) in SETTINGS.items():
-        draws = []
-        for _ in range(args.draws if positions else 2):
-            tokens = train_tokens[cursor : cursor + seqs]
-            cursor += seqs
-            draws.append(
-                lam * grads(sae, spliced_kl(model, plan, sae, tokens, bos, scaler, positions))
-            )
-        norms = torch.stack([d.norm() for d in draws])
-        cos = [
-            F.cosine_similarity(draws[i], draws[j], dim=0).item()
-            for i in range(len(draws))
-            for j in range(i + 1, len(draws))
+        draws = [
+            lam * grads(sae, s.kl(sae, s.next_rows(seqs), positions))
+            for _ in range(n_draws if positions else 2)
         ]
+        norms = torch.stack([d.norm() for d in draws])
         stats[setting] = {
             "lambda": lam,
             "sequences": seqs,
             "positions": positions or "all",
             "kl_grad_norm_mean": norms.mean().item(),
-            "ratio_to_mse_grad_norm": (norms.mean() / g_mse.norm()).item(),
-            "cosine_between_draws_mean": sum(cos) / len(cos),
+            "ratio_to_mse_grad_norm": (norms.mean() / mse_norm).item(),
+            "cosine_between_draws_mean": cosines(draws),
             "cosine_with_mse_grad_mean": sum(
                 F.cosine_similarity(d, g_mse, dim=0).item() for d in draws
             )
             / len(draws),
         }
         print(f"[3] {setting}: {stats[setting]}", flush=True)
-    result["gradients_at_topk_s0"] = stats
+    return stats
 
-    # 2. KL alone, optimised from the TopK SAE: the exact term (low / high noise) and its
-    # second-order form on batches of 1024 training activations
-    fisher = hook_fisher(model, HOOK, train_tokens[64:96], special_ids=bos, samples=2)
+
+def kl_only(s: Setup, steps: int, lr: float) -> dict:
+    """2. Adam on the KL term alone from the TopK SAE, held-out KL every 5 steps."""
     runs = {}
     for setting in ("exact4", "everystep", "fisher"):
-        sae = training_space_topk(STUDY / "saes" / "topk_s0", scale)
-        opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
-        track = [{"step": 0, **held_out(model, plan, sae, scaler, eval_tokens, bos)}]
+        sae = s.topk()
+        opt = torch.optim.Adam(sae.parameters(), lr=lr)
+        track = [{"step": 0, **s.held_out(sae)}]
         t0 = time.perf_counter()
-        for step in range(1, args.steps + 1):
+        for step in range(1, steps + 1):
             if setting == "fisher":
-                batch = scaler.scale(x[torch.randint(0, x.shape[0], (1024,))])
-                recon = sae.decode(sae.encode(batch))
-                loss = fisher_kl(scaler.unscale(recon) - scaler.unscale(batch), fisher)
+                loss = s.fisher_kl(sae)
             else:
                 _, seqs, positions = SETTINGS[setting]
-                tokens = train_tokens[torch.randint(0, train_tokens.shape[0], (seqs,))]
-                loss = spliced_kl(model, plan, sae, tokens, bos, scaler, positions)
+                rows = torch.randint(0, s.train_tokens.shape[0], (seqs,))
+                loss = s.kl(sae, s.train_tokens[rows], positions)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)  # as SAELens's trainer
             opt.step()
             if step % 5 == 0:
-                track.append({"step": step, **held_out(model, plan, sae, scaler, eval_tokens, bos)})
+                track.append({"step": step, **s.held_out(sae)})
                 print(f"[2] {setting}: {track[-1]}", flush=True)
         runs[setting] = {"track": track, "seconds": time.perf_counter() - t0}
-    result["kl_only_from_topk_s0"] = {"lr": args.lr, "runs": runs}
+    return {"lr": lr, "runs": runs}
+
+
+def downhill(s: Setup, n_draws: int) -> dict:
+    """4. Cosine of each gradient estimate with the held-out KL's own gradient."""
+    sae = s.topk()
+    target = grads(sae, s.kl(sae, s.eval_tokens))
+    estimates = {
+        "exact_32_sequences_all_positions": [grads(sae, s.kl(sae, s.next_rows(32)))],
+        "mse_1024_tokens": [grads(sae, s.mse(sae)) for _ in range(2)],
+        "fisher_1024_tokens": [grads(sae, s.fisher_kl(sae)) for _ in range(2)],
+    }
+    for setting, (_, seqs, positions) in SETTINGS.items():
+        estimates[setting] = [
+            grads(sae, s.kl(sae, s.next_rows(seqs), positions))
+            for _ in range(n_draws if positions else 2)
+        ]
+    out = {}
+    for name, draws in estimates.items():
+        # a descent direction of the held-out KL has a positive cosine with its gradient
+        cos = [F.cosine_similarity(d, target, dim=0).item() for d in draws]
+        out[name] = {"cosine_with_heldout_kl_grad_mean": sum(cos) / len(cos), "draws": len(cos)}
+        if len(draws) > 1:
+            out[name]["cosine_between_draws_mean"] = cosines(draws)
+        print(f"[4] {name}: {out[name]}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--draws", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=2e-5, help="Adam's for check 2")
+    parser.add_argument("--parts", default="1,2,3,4", help="which checks (merged into --out)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kl_diagnosis_cpu.json")
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    torch.manual_seed(0)
+    s = Setup()
+    result: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result.update({"machine": machine(), "hook": HOOK, "eval_tokens": list(s.eval_tokens.shape)})
+    result["scaling_factor"] = s.scale
+    if "1" in parts:
+        result["same_quantity"] = same_quantity(s)
+    if "3" in parts:
+        result["gradients_at_topk_s0"] = gradient_noise(s, args.draws)
+    if "2" in parts:
+        result["kl_only_from_topk_s0"] = kl_only(s, args.steps, args.lr)
+    if "4" in parts:
+        result["cosine_with_heldout_kl_gradient"] = downhill(s, args.draws)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

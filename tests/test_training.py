@@ -74,7 +74,8 @@ def test_train_sae_output_has_no_library_notices(tmp_path, caplog, recwarn):
 def test_activations_cached_once_train_every_architecture_and_the_causal_kl(tmp_path):
     """``cache_activations`` stores exactly the model's activations of the token set (each
     row with its token ids), is reused for the same inputs and refuses others;
-    SAEs train from it without running the model, except the causal SAE's KL term."""
+    SAEs train from it without running the model, except the causal SAE's KL term (every KL
+    step, or once for its second-order form)."""
     import datasets
 
     from csae_plugin.training import cache_activations
@@ -94,22 +95,32 @@ def test_activations_cached_once_train_every_architecture_and_the_causal_kl(tmp_
     forwards = []
     # positions the model runs on (the runner's own 2-token shape check aside)
     model.blocks[0].register_forward_hook(lambda _, args, out: forwards.append(out.shape[1]))
-    for architecture in ("topk", "causal"):
+    # (architecture, overrides, passes of the model up to the hook): none for TopK; the causal
+    # SAE's 4 KL steps; with the second-order KL, the one batch its Fisher metric is estimated on
+    cases = {
+        "topk": ("topk", {}, 0),
+        "causal": ("causal", {"kl_every": 4}, 4),
+        "causal_fisher": (
+            "causal",
+            {"kl_every": 1, "kl_estimator": "fisher", "fisher_sequences": 4},
+            1,
+        ),
+    }
+    for name, (architecture, overrides, expected) in cases.items():
         forwards.clear()
         sae, runner = train_sae(
             model,
             HOOK,
             tokens,
-            TrainSpec(architecture, 64, 4, {"kl_every": 4} if architecture == "causal" else {}),
+            TrainSpec(architecture, 64, 4, overrides),
             training_tokens=64 * 16,
-            output_path=tmp_path / architecture,
+            output_path=tmp_path / name,
             batch_size_tokens=64,
             exclude_special_tokens=[BOS],
             norm_estimate_batches=2,
             cached_activations_path=path,
         )
         assert runner.cfg.use_cached_activations and runner.cfg.total_training_steps == 16
-        # TopK never runs the model; the causal SAE only for its 4 KL steps (capture + tails)
-        assert (max(forwards) > 2) == (architecture == "causal"), (architecture, forwards)
+        assert sum(n > 2 for n in forwards) == expected, (name, forwards)
     with pytest.raises(ValueError, match="multiple of 8"):
         cache_activations(model, HOOK, tokens[:12], tmp_path / "odd")

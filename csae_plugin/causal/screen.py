@@ -146,7 +146,7 @@ def nces_screen(
         fires = first < n_ctx
         real = torch.zeros(len(rows), d_sae, dtype=torch.float64, device=device)
         nul = torch.zeros_like(real)
-        for g in _sampled_gradients(setup, x, start_input, rows, samples, generator):
+        for g in sampled_gradients(setup, x, start_input, rows, samples, generator):
             v = torch.einsum("bti,btd->bid", change, g @ basis)  # V^T v_i per row [b, d_sae, d_in]
             real += ((v * rotated).sum(-1) ** 2).double()
             nul += ((v**2) * weights).sum(-1).double()
@@ -186,7 +186,7 @@ def _changes(
     return change, first
 
 
-def _sampled_gradients(setup, x, start_input, rows, samples, generator):
+def sampled_gradients(setup, x, start_input, rows, samples, generator):
     """d/dx sum_u log p(y_u) at the hook [b, T, d_in], once per label sample y ~ p_clean.
 
     d/dh log p(y) = s_y W_U[:, y] - W_U (p * s) with s = dlogit/dz (1 without a soft cap), so

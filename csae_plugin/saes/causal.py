@@ -105,6 +105,13 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
             still spliced in at every position; only the unembedding, which dominates a KL
             step's cost for large vocabularies, is restricted, so the term stays an unbiased
             estimate of the mean KL over positions (``evals/study.py`` measures what it costs).
+        kl_estimator: ``exact`` (the spliced model's KL on ``kl_batch_size`` sequences every
+            ``kl_every`` steps) or ``fisher`` (its second-order form, 1/2 delta^T F delta per
+            training token with the hook's Fisher metric F estimated once before training,
+            :mod:`csae_plugin.training.fisher`: no model run per step, deterministic, but it
+            drops interactions between positions).
+        fisher_sequences: token sequences F is estimated on (``kl_estimator="fisher"``).
+        fisher_samples: sampled-label backward passes per sequence for F.
         verify_every: run causal verification every this many steps (term 4); 0 switches it off.
         verify_latents: latents checked per verification (a rotating subset).
         verify_seqs_per_latent: sequences per latent in a verification.
@@ -123,6 +130,9 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
     kl_every: int = 10
     kl_batch_size: int = 4
     kl_positions: int = 0
+    kl_estimator: Literal["exact", "fisher"] = "exact"
+    fisher_sequences: int = 32
+    fisher_samples: int = 2
     verify_every: int = 0
     verify_latents: int = 64
     verify_seqs_per_latent: int = 4
@@ -143,6 +153,15 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
             raise ValueError(f"kl_positions={self.kl_positions} must be >= 0 (0: all positions)")
         if self.lambda_kl < 0:
             raise ValueError(f"lambda_kl={self.lambda_kl} must be >= 0")
+        if self.kl_estimator not in ("exact", "fisher"):
+            raise ValueError(
+                f"kl_estimator {self.kl_estimator!r} must be 'exact' or 'fisher' (second order)"
+            )
+        if self.fisher_sequences < 1 or self.fisher_samples < 1:
+            raise ValueError(
+                f"fisher_sequences={self.fisher_sequences} and fisher_samples="
+                f"{self.fisher_samples} must be >= 1"
+            )
         if self.verify_every < 0:
             raise ValueError(f"verify_every={self.verify_every} must be >= 0 (0 turns it off)")
         if self.verify_action not in ("resample", "reweight"):
@@ -225,18 +244,22 @@ class CausalTrainingSAE(TrainingSAE[CausalTrainingSAEConfig]):
         sae_out: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         losses = dict(super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out))
-        kl = self._maybe_kl(step_input)
+        kl = self._maybe_kl(step_input, sae_out)
         if kl is not None:
             losses["kl_loss"] = kl
         return losses
 
-    def _maybe_kl(self, step_input: TrainStepInput) -> torch.Tensor | None:
+    def _maybe_kl(self, step_input: TrainStepInput, sae_out: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.lambda_kl == 0 or step_input.n_training_steps % self.cfg.kl_every != 0:
             return None
         if self._context is None:
             self._warn_no_model()
             return None
-        return step_input.coefficients["kl"] * self._context.kl_term(self)
+        if self.cfg.kl_estimator == "fisher":
+            term = self._context.fisher_term(self, step_input.sae_in, sae_out)
+        else:
+            term = self._context.kl_term(self)
+        return step_input.coefficients["kl"] * term
 
     def _maybe_verify(self, step_input: TrainStepInput) -> dict[str, float] | None:
         every = self.cfg.verify_every

@@ -17,6 +17,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
 from csae_plugin.causal.tail import HookPlan, parse_hook
+from csae_plugin.training.fisher import fisher_kl, hook_fisher
 from csae_plugin.training.kl import spliced_kl
 from csae_plugin.training.verification import verify_and_act
 
@@ -37,6 +38,7 @@ class CausalTrainingContext:
     optimizer: torch.optim.Optimizer | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     _next_latent: int = 0
+    fisher: torch.Tensor | None = None
     plan: HookPlan = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +55,24 @@ class CausalTrainingContext:
     def kl_term(self, sae: CausalTrainingSAE) -> torch.Tensor:
         tokens = self.next_tokens(sae.cfg.kl_batch_size)
         return self.spliced_kl(sae, tokens, sae.cfg.kl_positions)
+
+    def fisher_term(
+        self, sae: CausalTrainingSAE, sae_in: torch.Tensor, sae_out: torch.Tensor
+    ) -> torch.Tensor:
+        """Second-order KL of the training batch's reconstruction errors (``sae_in`` and
+        ``sae_out`` as the SAE sees them, i.e. scaled):
+        :func:`csae_plugin.training.fisher.fisher_kl` in the hook's units, with its Fisher
+        metric estimated on the first call from ``fisher_sequences`` sequences."""
+        if self.fisher is None:
+            self.fisher = hook_fisher(
+                self.model,
+                self.hook_name,
+                self.next_tokens(sae.cfg.fisher_sequences),
+                special_ids=self.special_ids,
+                samples=sae.cfg.fisher_samples,
+                seed=int(torch.randint(2**31 - 1, ())),
+            )
+        return fisher_kl(self.scaler.unscale(sae_out) - self.scaler.unscale(sae_in), self.fisher)
 
     def verify(
         self,
