@@ -35,20 +35,24 @@ TARGET_RATIO = 0.6
 
 
 class StepClock:
-    """Times SAELens's training steps: first step's start to last step's end, and their count."""
+    """Times SAELens's training steps: first step's start to last step's end, their count, and
+    each step's seconds (``durations``: a one-off cost in the first step shows there)."""
 
     def __enter__(self) -> StepClock:
         self.first: float | None = None
         self.last = 0.0
         self.steps = 0
+        self.durations: list[float] = []
         self._original = SAETrainer._train_step
         clock = self
 
         def timed(trainer: SAETrainer, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
             if clock.first is None:
-                clock.first = time.perf_counter()
+                clock.first = start
             out = clock._original(trainer, *args, **kwargs)
             clock.last = time.perf_counter()
+            clock.durations.append(clock.last - start)
             clock.steps += 1
             return out
 

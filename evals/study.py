@@ -92,7 +92,7 @@ def measure_rates(model, tokens, bos, out: Path, causal: dict, path: Path) -> di
 
     if path.is_file():
         return json.loads(path.read_text())
-    rates = {}
+    rates, first_step = {}, {}
     for name, spec in (
         ("topk", TrainSpec("topk", PRESET.d_sae, K)),
         ("causal", TrainSpec("causal", PRESET.d_sae, K, dict(causal))),
@@ -109,10 +109,16 @@ def measure_rates(model, tokens, bos, out: Path, causal: dict, path: Path) -> di
                 norm_estimate_batches=4,
             )
         rates[name] = clock.steps / (clock.last - clock.first)
+        first_step[name] = clock.durations[0]
         print(f"[study] {name} through the model: {rates[name]:.3f} steps/s", flush=True)
+    # the same without the first step, which holds any one-off cost (the Fisher estimate)
+    later = {n: (RATE_STEPS - 1) / (RATE_STEPS / r - first_step[n]) for n, r in rates.items()}
     result = {
         "steps_per_s_through_model": rates,
         "ratio_causal_over_topk": rates["causal"] / rates["topk"],
+        "first_step_seconds": first_step,
+        "steps_per_s_after_the_first_step": later,
+        "ratio_after_the_first_step": later["causal"] / later["topk"],
         "steps": RATE_STEPS,
         "timed": "first step's start to last step's end, activations computed by the model",
         "causal_settings": causal,
