@@ -96,9 +96,10 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
             the learned threshold) or ``relu`` (+ L1; saved as a standard SAE).
         k: active latents per token (``topk``) or on average (``batchtopk``); unused by relu.
         lambda_kl: weight of KL(p_clean || p_spliced) (term 3); 0 switches it off.
-        kl_every: compute the KL term every this many steps (>= 1). Each KL step costs a pass
-            through the model after the hook; in the project's study (``evals/REPORT.md``, Gemma
-            3 270M, 40 steps) every 10 steps lowered the KL-div score while every step did not.
+        kl_every: compute the KL term every this many steps (>= 1). Each exact KL step costs a
+            pass through the model after the hook, and its gradient, estimated on a few
+            sequences, is mostly noise that Adam turns into a random walk of the weights
+            (``evals/REPORT.md``, "Why the KL term raised the held-out KL").
         kl_batch_size: token sequences per KL step.
         kl_positions: positions per KL sequence whose output distributions are compared,
             drawn at random among the scored ones each KL step (0: all). The reconstruction is
