@@ -9,7 +9,6 @@ exact effect and NCES, the screen/exact effect ratio (where the quadratic term u
 and a scatter plot. Results: ``evals/results/screen_vs_exact_<device>.json`` and ``.png``.
 
     python evals/screen_vs_exact.py                 # ~20 min on a 2-core CPU
-    python evals/screen_vs_exact.py --retest 96     # the exact NCES again on 96 of its latents
 """
 
 from __future__ import annotations
@@ -45,12 +44,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--exact-latents", type=int, default=256)
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--retest",
-        type=int,
-        default=0,
-        help="only measure the exact NCES again (seed + 1) on this many of the saved latents",
-    )
     args = parser.parse_args(argv)
 
     model = load_model("gemma-3-270m", device=args.device)
@@ -74,8 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
     sae = SAE.load_from_disk(folder, device=args.device)
     eval_tokens = splits.eval[: args.eval_sequences, :64]
     stats = iv.reference_stats(model, sae, splits.train[:32, :64], bos_token_id=bos, seed=args.seed)
-    if args.retest:
-        return retest(args, model, sae, eval_tokens, stats, bos)
 
     start = time.perf_counter()
     screen = nces_screen(
@@ -156,55 +147,6 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
-    return result
-
-
-def retest(args, model, sae, eval_tokens, stats, bos) -> dict:
-    """The exact NCES measured again with another seed (other sequences and null draws) on the
-    first ``--retest`` latents of the saved comparison. How well the exact sample agrees with
-    itself bounds how well any screen can agree with it (Spearman's rho with a noisy measure is
-    attenuated by the square root of that measure's reliability)."""
-    path = RESULTS / f"screen_vs_exact_{args.device}.json"
-    result = json.loads(path.read_text())
-    n = min(args.retest, len(result["latents"]))
-    start = time.perf_counter()
-    again = iv.latent_effects(
-        model,
-        sae,
-        eval_tokens,
-        np.array(result["latents"][:n]),
-        stats,
-        null_draws=4,
-        seqs_per_latent=4,
-        seed=args.seed + 1,
-        bos_token_id=bos,
-    )
-    effect = np.nanmean(again.effect, 1)
-    nces = np.nansum(again.effect, 1) / np.nansum(again.null, 1)
-    first = {k: np.array(result[k][:n]) for k in ("exact_effect", "exact_nces")}
-    screen = {k: np.array(result[f"screen_{k}"][:n]) for k in ("effect", "nces")}
-
-    def rho(a: np.ndarray, b: np.ndarray) -> float:
-        return float(spearmanr(a, b, nan_policy="omit").statistic)
-
-    result["retest"] = {
-        "latents": n,
-        "seed": args.seed + 1,
-        "seconds": time.perf_counter() - start,
-        "spearman_exact_vs_retest": {
-            k: rho(first[f"exact_{k}"], v) for k, v in (("effect", effect), ("nces", nces))
-        },
-        "spearman_screen_vs_exact": {
-            k: rho(screen[k], first[f"exact_{k}"]) for k in ("effect", "nces")
-        },
-        "spearman_screen_vs_retest": {
-            k: rho(screen[k], v) for k, v in (("effect", effect), ("nces", nces))
-        },
-        "retest_effect": effect.tolist(),
-        "retest_nces": nces.tolist(),
-    }
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result["retest"].items() if not isinstance(v, list)}))
     return result
 
 
