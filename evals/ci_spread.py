@@ -56,24 +56,38 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "ci_spread_cpu.json"
     )
+    parser.add_argument(
+        "--machines",
+        default=",".join(MACHINES),
+        help="which emulated machines to run (comma-separated); runs already in --out are kept",
+    )
     args = parser.parse_args(argv)
     reference = json.loads(REFERENCE.read_text())
-    runs = {"reference (native, 2 threads)": reference["table"]}
-    for name, env in MACHINES.items():
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
+    runs = result["runs"]
+    runs["reference (native, 2 threads)"] = reference["table"]
+    for name in args.machines.split(","):
+        env = MACHINES[name]
         with tempfile.TemporaryDirectory() as tmp:
             table = run_emulated(env, Path(tmp))
         runs[name] = {sae: {m: float(table.loc[sae, m]) for m in METRICS} for sae in table.index}
         print(f"[ci_spread] {name}: {runs[name]}", flush=True)
-    spread = {
-        sae: {
-            m: max(r[sae][m] for r in runs.values()) - min(r[sae][m] for r in runs.values())
-            for m in METRICS
+        spread = {
+            sae: {
+                m: max(r[sae][m] for r in runs.values()) - min(r[sae][m] for r in runs.values())
+                for m in METRICS
+            }
+            for sae in reference["table"]
         }
-        for sae in reference["table"]
-    }
-    result = {"machines": MACHINES, "runs": runs, "spread_max_minus_min": spread}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(spread, indent=2))
+        result.update(
+            {
+                "machines": {n: MACHINES[n] for n in runs if n in MACHINES},
+                "runs": runs,
+                "spread_max_minus_min": spread,
+            }
+        )
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every machine
+    print(json.dumps(result.get("spread_max_minus_min"), indent=2))
     return result
 
 
