@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 from ci_compare import METRICS, REFERENCE
+from sweep import machine
 
 MACHINES = {
     "native_2threads": {"OMP_NUM_THREADS": "2"},
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(
             {
                 "machines": {n: MACHINES[n] for n in runs if n in MACHINES},
+                "host": machine(),
                 "runs": runs,
                 "spread_max_minus_min": spread,
             }

@@ -92,7 +92,7 @@ def measure_rates(model, tokens, bos, out: Path, causal: dict, path: Path) -> di
 
     if path.is_file():
         return json.loads(path.read_text())
-    rates, first_step = {}, {}
+    rates, first_step, later = {}, {}, {}
     for name, spec in (
         ("topk", TrainSpec("topk", PRESET.d_sae, K)),
         ("causal", TrainSpec("causal", PRESET.d_sae, K, dict(causal))),
@@ -110,9 +110,9 @@ def measure_rates(model, tokens, bos, out: Path, causal: dict, path: Path) -> di
             )
         rates[name] = clock.steps / (clock.last - clock.first)
         first_step[name] = clock.durations[0]
+        # the same without the first step, which holds any one-off cost (the Fisher estimate)
+        later[name] = (clock.steps - 1) / (clock.seconds - clock.durations[0])
         print(f"[study] {name} through the model: {rates[name]:.3f} steps/s", flush=True)
-    # the same without the first step, which holds any one-off cost (the Fisher estimate)
-    later = {n: (RATE_STEPS - 1) / (RATE_STEPS / r - first_step[n]) for n, r in rates.items()}
     result = {
         "steps_per_s_through_model": rates,
         "ratio_causal_over_topk": rates["causal"] / rates["topk"],
