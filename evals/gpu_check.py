@@ -478,21 +478,23 @@ def stage_train(check: Check) -> dict[str, Any]:
     return out
 
 
-def stage_cli(check: Check) -> dict[str, Any]:
+def run_cli(
+    check: Check, evals: str, folders: list[str], out_dir: Path, extra: list[str], log_name: str
+) -> dict[str, Any]:
+    """``sae_bench run --eval <evals>`` on ``folders`` at the check's NCES settings (+ ``extra``)."""
     from csae_plugin.evals.api import load_results
 
-    folders, spec = check.need("folders", "model_spec")
+    spec = check.need("model_spec")[0]
     s = check.scale
-    out_dir = check.ctx["work"] / "eval_results"
     cmd = [
         sys.executable,
         "-m",
         "csae_plugin.cli",  # the `sae_bench` console command's module
         "run",
         "--eval",
-        "core,nces",
+        evals,
         "--sae",
-        *[str(folder) for folder in folders.values()],
+        *[str(folder) for folder in folders],
         "--model",
         spec,
         "--device",
@@ -519,6 +521,7 @@ def stage_cli(check: Check) -> dict[str, Any]:
         str(s.llm_batch_size),
         "--random-seed",
         str(check.args.seed),
+        *extra,
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -526,7 +529,7 @@ def stage_cli(check: Check) -> dict[str, Any]:
     )
     env["PYTHONUNBUFFERED"] = "1"
     check.log("running: sae_bench " + " ".join(cmd[4:]))
-    log_path = check.ctx["work"] / "sae_bench.log"
+    log_path = check.ctx["work"] / log_name
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(
@@ -557,6 +560,15 @@ def stage_cli(check: Check) -> dict[str, Any]:
         result = json.loads(path.read_text())
         details[result["sae_lens_id"]] = result["eval_result_details"]
     info["result_files"] = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.json"))
+    info["details"] = details
+    return info
+
+
+def stage_cli(check: Check) -> dict[str, Any]:
+    folders = check.need("folders")[0]
+    out_dir = check.ctx["work"] / "eval_results"
+    info = run_cli(check, "core,nces", list(folders.values()), out_dir, [], "sae_bench.log")
+    details = info.pop("details")
     expected = {Path(folder).name for folder in folders.values()}
     found = {
         Path(p).name.split("_eval_results")[0].removeprefix("local_") for p in info["result_files"]
@@ -567,12 +579,58 @@ def stage_cli(check: Check) -> dict[str, Any]:
     return info
 
 
+def stage_bfloat16(check: Check) -> dict[str, Any]:
+    """``sae_bench run --eval nces --llm-dtype bfloat16`` on the causal SAE, against float32.
+
+    The same latents, sequences and draws as the float32 sae_bench stage; reported, not gating
+    (on random weights the effects are small, so bfloat16's rounding weighs more than on the
+    real model). The tolerances of tests/test_interventions.py's bfloat16 test are shown.
+    """
+    import numpy as np
+
+    folders = check.need("folders")[0]
+    fp32 = check.ctx.get("cli_details", {})
+    name = Path(folders["causal"]).name
+    info = run_cli(
+        check,
+        "nces",
+        [folders["causal"]],
+        check.ctx["work"] / "eval_results_bf16",
+        ["--llm-dtype", "bfloat16"],
+        "sae_bench_bf16.log",
+    )
+    bf16 = info.pop("details")
+    rows32 = {row["latent"]: row for row in fp32.get(name, [])}
+    rows16 = {row["latent"]: row for row in bf16.get(name, [])}
+    both = sorted(
+        i
+        for i in set(rows32) & set(rows16)
+        if not rows32[i]["dead"] and rows32[i]["effect_kl"] and rows16[i]["effect_kl"]
+    )
+    if not both:
+        raise RuntimeError("no latent live in both the float32 and the bfloat16 result")
+    out: dict[str, Any] = {"command": info["command"], "seconds": info["seconds"]}
+    out["latents_compared"] = len(both)
+    for field, tolerance in (("effect_kl", 0.05), ("nces", 0.15)):
+        a = np.array([rows16[i][field] for i in both], dtype=np.float64)
+        b = np.array([rows32[i][field] for i in both], dtype=np.float64)
+        rel = np.abs(a - b) / np.maximum(np.abs(b), 1e-30)
+        out[field] = {
+            "median_rel_diff": float(np.nanmedian(rel)),
+            "max_rel_diff": float(np.nanmax(rel)),
+            "test_tolerance": tolerance,
+            "frac_within_test_tolerance": float(np.mean(rel <= tolerance)),
+        }
+    check.result["checks"]["bf16_effect_kl_median_rel_diff"] = out["effect_kl"]["median_rel_diff"]
+    return out
+
+
 def stage_timing(check: Check) -> dict[str, Any]:
     """s/latent of the engine at the bench settings; a 16k-latent SAE projected to all latents."""
     import numpy as np
     import torch
 
-    from csae_plugin import interventions as iv
+    from csae_plugin import causal as iv
     from csae_plugin.data import corpus_splits
     from csae_plugin.saes.loading import load_sae_from_folder
 
@@ -728,7 +786,7 @@ def stage_agreement(check: Check) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from csae_plugin import interventions as iv
+    from csae_plugin import causal as iv
     from csae_plugin.evals.nces.eval_config import NCESEvalConfig
     from csae_plugin.evals.nces.main import load_tokens, select_latents
     from csae_plugin.saes.loading import load_sae_from_folder
@@ -1040,6 +1098,7 @@ STAGES: tuple[tuple[str, Callable[[Check], dict[str, Any] | None]], ...] = (
     ("sae_bench", stage_cli),
     ("gpu_vs_cpu", stage_agreement),
     ("timing", stage_timing),
+    ("bfloat16", stage_bfloat16),
 )
 GATING = ("environment", "imports", "model", "train", "sae_bench", "gpu_vs_cpu")
 """Stages that must succeed for PASS (the timing stage reports, it does not gate)."""
