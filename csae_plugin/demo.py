@@ -43,13 +43,35 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=32, help="target L0 of both SAEs")
     parser.add_argument("--training-tokens", type=int, default=80_000)
     parser.add_argument("--context-size", type=int, default=128)
-    parser.add_argument("--lambda-kl", type=float, default=1.0, help="causal SAE's KL weight")
-    parser.add_argument("--kl-every", type=int, default=10)
+    parser.add_argument(
+        "--kl-estimator",
+        choices=["fisher", "exact"],
+        default="fisher",
+        help="the causal SAE's KL term: its second-order (Fisher) form on every step, estimated "
+        "once (default; the setting of evals/REPORT.md's 'fisher' variant), or the exact KL "
+        "every --kl-every steps (the config's default; mostly noise at this scale)",
+    )
+    parser.add_argument(
+        "--lambda-kl",
+        type=float,
+        default=None,
+        help="causal SAE's KL weight (default: 10 with fisher, 1 with exact)",
+    )
+    parser.add_argument(
+        "--kl-every", type=int, default=None, help="default: 1 with fisher, 10 with exact"
+    )
+    parser.add_argument(
+        "--fisher-sequences",
+        type=int,
+        default=8,
+        help="sequences the Fisher metric is estimated on (default: %(default)s)",
+    )
     parser.add_argument(
         "--kl-positions",
         type=int,
         default=0,
-        help="positions per KL sequence compared (0: all; fewer is cheaper and noisier)",
+        help="exact KL only: positions per KL sequence compared (0: all; fewer is cheaper "
+        "and noisier)",
     )
     parser.add_argument("--latents", type=int, default=16, help="latents scored by nces")
     parser.add_argument(
@@ -67,6 +89,21 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def causal_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The causal SAE's config fields from the demo's flags (defaults by estimator)."""
+    fisher = args.kl_estimator == "fisher"
+    overrides: dict[str, object] = {
+        "kl_estimator": args.kl_estimator,
+        "lambda_kl": args.lambda_kl if args.lambda_kl is not None else (10.0 if fisher else 1.0),
+        "kl_every": args.kl_every if args.kl_every is not None else (1 if fisher else 10),
+    }
+    if fisher:
+        overrides["fisher_sequences"] = args.fisher_sequences
+    else:
+        overrides["kl_positions"] = args.kl_positions
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             "causal",
             args.d_sae,
             args.k,
-            {
-                "lambda_kl": args.lambda_kl,
-                "kl_every": args.kl_every,
-                "kl_positions": args.kl_positions,
-            },
+            causal_overrides(args),
         ),
         TrainSpec("topk", args.d_sae, args.k),
     ]

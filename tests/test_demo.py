@@ -38,3 +38,24 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
     assert not (tmp_path / "activation_cache").exists()  # both SAEs trained from it, then gone
     settings = json.loads((tmp_path / "comparison.json").read_text())["settings"]
     assert settings["reference_latents"] == 3
+    assert settings["kl_estimator"] == "fisher"
+
+
+def test_demo_causal_settings_follow_the_kl_estimator():
+    """Fisher (the default): lambda 10 every step on --fisher-sequences; exact: the config's
+    lambda 1 every 10 steps with --kl-positions; explicit flags win over both."""
+    parse = demo.arg_parser().parse_args
+    assert demo.causal_overrides(parse([])) == {
+        "kl_estimator": "fisher",
+        "lambda_kl": 10.0,
+        "kl_every": 1,
+        "fisher_sequences": 8,
+    }
+    assert demo.causal_overrides(parse(["--kl-estimator", "exact", "--kl-positions", "16"])) == {
+        "kl_estimator": "exact",
+        "lambda_kl": 1.0,
+        "kl_every": 10,
+        "kl_positions": 16,
+    }
+    chosen = demo.causal_overrides(parse(["--lambda-kl", "3", "--kl-every", "2"]))
+    assert (chosen["lambda_kl"], chosen["kl_every"]) == (3.0, 2)
