@@ -32,23 +32,24 @@ METRICS = (
     "frac_verified",
 )
 TOLERANCES = {
-    "l0": ("relative", 0.10),
-    "explained_variance": ("absolute", 0.05),
-    "ce_loss_score": ("absolute", 0.05),
-    "kl_div_score": ("absolute", 0.05),
-    "nces_geomean": ("relative", 0.30),
-    "frac_verified": ("absolute", 0.30),
+    "l0": ("relative", 0.02),
+    "explained_variance": ("absolute", 0.01),
+    "ce_loss_score": ("absolute", 0.01),
+    "kl_div_score": ("absolute", 0.01),
+    "nces_geomean": ("relative", 0.15),
+    "frac_verified": ("absolute", 0.15),
 }
-"""On this CPU two runs are now bit-identical (same seed: SAE weights and result JSON, measured on
+"""On this CPU two runs are bit-identical (same seed: SAE weights and result JSON, measured on
 Gemma 3 270M, ``evals/results/reproducibility_gemma-3-270m.json``; ``tests/test_reproducible.py``
 holds it on the tiny model). What is left is another machine: a different CPU or thread count
-changes floating-point reduction order, and 40 steps of TopK training turn that into a different
-trajectory, as large as a different seed's (measured before training was seeded: causal
-CE-loss score 0.810-0.858 over four runs, frac_verified 0.00 / 0.21; the seeded reference moved
-TopK's frac_verified from 0.00 to 0.30 with nothing but its seed changed). CI runs on another
-machine, so the tolerances stay at that seed-sized spread; they are not tightened until the
-spread across machines is measured."""
-ADVANTAGE_DROP = 0.30
+changes floating-point reduction order, which the causal SAE's training carries on.
+``evals/ci_spread.py`` reran this sweep as two other CPUs would (AVX2 kernels + MKL's AVX2 path
++ 1 thread; no-SIMD kernels + MKL's SSE4.2 path + 2 threads; ``evals/results/ci_spread_cpu.json``)
+against the AVX-512 reference: TopK moved < 1e-5 everywhere; the causal SAE's explained
+variance, CE-loss and KL-div scores < 4e-4, its NCES geomean 3.4% and its frac_verified one
+latent of 23 (0.043). The tolerances are 25x the largest movement of the scores, 4x NCES's and
+three latents for frac_verified (the unmeasured rest: another CPU vendor's MKL kernels)."""
+ADVANTAGE_DROP = 0.15
 """How much causal frac_verified minus TopK frac_verified may fall below the reference's."""
 
 
