@@ -9,10 +9,13 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 install: $(STAMP)
 
+# pip --no-compile: byte-compiling every installed file (the CUDA wheels' too) takes as long as
+# the install itself; the import after it compiles the modules the package uses, once.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -c 'import csae_plugin.cli, csae_plugin.demo, csae_plugin.evals.api, csae_plugin.evals.core, csae_plugin.evals.nces.main, csae_plugin.evals.probing, csae_plugin.training, pytest'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

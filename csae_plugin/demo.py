@@ -26,6 +26,7 @@ from csae_plugin.evals.api import (
 from csae_plugin.models import EMBEDDED_MODEL, check_hook, load_model
 from csae_plugin.training import TrainSpec, cache_activations, train_sae
 from csae_plugin.training.cache import STORE_BATCH_PROMPTS
+from csae_plugin.training.train import activations_read
 
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
 
@@ -133,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         TrainSpec("topk", args.d_sae, args.k),
     ]
     # the model runs once over the training rows; both SAEs train from the cached activations
-    # (the causal SAE's KL term still runs the model, on the same rows)
-    # rows the training reads, in whole store batches (at most the whole training split)
-    batches = -(-args.training_tokens // (args.context_size * STORE_BATCH_PROMPTS))
+    # (the causal SAE's KL term still runs the model, on the same rows). Rows for everything the
+    # runner reads (scale estimate, b_dec's start, training, the mixing buffer's read-ahead), in
+    # whole store batches, at most the whole training split: no activation is used twice
+    needed = activations_read(args.training_tokens, args.context_size)
+    per_row = args.context_size - (1 if special else 0)  # BOS positions are not trained on
+    batches = -(-needed // (per_row * STORE_BATCH_PROMPTS))
     rows = min(batches, len(splits.train) // STORE_BATCH_PROMPTS) * STORE_BATCH_PROMPTS
     train_rows = splits.train[:rows]
     print(f"[demo] caching activations of {train_rows.numel():,} training tokens", flush=True)

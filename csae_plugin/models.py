@@ -15,11 +15,13 @@ the offline alternatives.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,10 +188,13 @@ def _build_embedded_cache(folder: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         gguf_path = gguf_package.assemble(staging / "gguf" / gguf_package.MODEL_NAME)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        with _one_gguf_parse():
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name
+            )
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+            )
         _forget_quantization(hf_model)
         model_dir = staging / "model"
         hf_model.save_pretrained(model_dir)
@@ -201,6 +206,33 @@ def _build_embedded_cache(folder: Path) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Parse each GGUF file once while transformers reads it three times.
+
+    transformers reads the file for the tokenizer, the config and the weights, each time with
+    a new ``gguf.GGUFReader``, whose constructor decodes every metadata field in Python: the
+    262k-entry vocabulary makes that ~15 s a time on a 2-core CPU. The reader only reads the
+    (memory-mapped) file, so one per path serves all three.
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original  # type: ignore[misc]
 
 
 def _forget_quantization(hf_model: PreTrainedModel) -> None:

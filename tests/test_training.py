@@ -124,3 +124,41 @@ def test_activations_cached_once_train_every_architecture_and_the_causal_kl(tmp_
         assert sum(n > 2 for n in forwards) == expected, (name, forwards)
     with pytest.raises(ValueError, match="multiple of 8"):
         cache_activations(model, HOOK, tokens[:12], tmp_path / "odd")
+
+
+def test_a_cache_of_what_a_run_reads_is_read_once(tmp_path):
+    """``activations_read`` bounds what a run reads (scale estimate, b_dec's start, training,
+    the mixing buffer's read-ahead): from a cache that large SAELens starts no second epoch,
+    so no activation is used twice; a cache of only the training tokens is read again."""
+    import warnings
+
+    from csae_plugin.training import cache_activations
+    from csae_plugin.training.cache import STORE_BATCH_PROMPTS
+    from csae_plugin.training.train import activations_read
+
+    model = make_tiny_model()
+    context = make_tokens(1).shape[1]
+    training_tokens, batch = 64 * 8, 64
+    needed = activations_read(training_tokens, context, batch, norm_estimate_batches=2)
+    per_block = (context - 1) * STORE_BATCH_PROMPTS  # BOS excluded
+    epochs = {}
+    for name, tokens_cached in (("enough", needed), ("training only", training_tokens)):
+        rows = -(-tokens_cached // per_block) * STORE_BATCH_PROMPTS
+        tokens = make_tokens(rows, seed=5)
+        path = cache_activations(model, HOOK, tokens, tmp_path / name / "cache")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_sae(
+                model,
+                HOOK,
+                tokens,
+                TrainSpec("topk", 64, 4),
+                training_tokens=training_tokens,
+                output_path=tmp_path / name / "sae",
+                batch_size_tokens=batch,
+                exclude_special_tokens=[BOS],
+                norm_estimate_batches=2,
+                cached_activations_path=path,
+            )
+        epochs[name] = any("beginning new epoch" in str(w.message) for w in caught)
+    assert epochs == {"enough": False, "training only": True}

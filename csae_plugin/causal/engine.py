@@ -435,11 +435,32 @@ def estimate_seconds(
 ) -> float:
     """A rough time for :func:`latent_effects` on ``n_latents``, from timing one tail forward
     and unembedding of ``batch_size`` copies of a token row here, now (an upper estimate: it
-    counts every position, where the engine skips those before the first intervened one)."""
+    counts every position, where the engine skips those before the first intervened one).
+
+    The timing is kept per model, hook, context and copies, so scoring several SAEs in one
+    process times the tail once.
+    """
+    copies = max(1, min(batch_size, 8))
+    hook = sae.cfg.metadata.hook_name
+    key = (id(model), str(model.cfg.device), str(model.cfg.dtype), hook, tokens.shape[1], copies)
+    if key not in _SECONDS_PER_COPY:
+        _SECONDS_PER_COPY[key] = _time_one_copy(model, sae, tokens, copies, bos_token_id)
+    return _SECONDS_PER_COPY[key] * n_latents * seqs_per_latent * copies_per_sequence
+
+
+_SECONDS_PER_COPY: dict[tuple[object, ...], float] = {}
+
+
+def _time_one_copy(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: torch.Tensor,
+    copies: int,
+    bos_token_id: int | None,
+) -> float:
     setup = prepare_inputs(model, sae, tokens[:1], bos_token_id)
     with torch.no_grad():
         x, start_input = capture_rows(setup, torch.tensor([0]))
-        copies = max(1, min(batch_size, 8))
         started = time.perf_counter()
         h = run_tail(
             model,
@@ -451,5 +472,4 @@ def estimate_seconds(
         log_probs(
             model, h.reshape(-1, h.shape[-1]), max(1, ROW_CHUNK_BYTES // (model.cfg.d_vocab * 4))
         )
-        per_copy = (time.perf_counter() - started) / copies
-    return per_copy * n_latents * seqs_per_latent * copies_per_sequence
+    return (time.perf_counter() - started) / copies

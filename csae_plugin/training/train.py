@@ -81,6 +81,33 @@ def sae_training_config(spec: TrainSpec, d_in: int, hook_name: str) -> TrainingS
     )
 
 
+MEAN_INIT_BATCHES = 4
+"""Training batches whose mean starts every SAE's ``b_dec`` (:class:`_MeanInitRunner`)."""
+
+
+def buffer_batches(batch_size_tokens: int, context_size: int) -> int:
+    """SAELens's ``n_batches_in_buffer`` here: its mixing buffer holds this many sequences'
+    activations (``n_batches_in_buffer * context_size``), at least 8 training batches."""
+    return max(16, -(-8 * batch_size_tokens // context_size))
+
+
+def activations_read(
+    training_tokens: int,
+    context_size: int,
+    batch_size_tokens: int = 1024,
+    norm_estimate_batches: int = 16,
+) -> int:
+    """At most how many activations :func:`train_sae` reads for a run.
+
+    The scale estimate and the mean that starts ``b_dec`` take their own batches before
+    training, and SAELens's mixing buffer reads up to its size ahead. An activation cache
+    smaller than this makes SAELens start a second epoch, so some activations are used twice.
+    """
+    before = (norm_estimate_batches + MEAN_INIT_BATCHES) * batch_size_tokens
+    ahead = buffer_batches(batch_size_tokens, context_size) * context_size + batch_size_tokens
+    return before + training_tokens + ahead
+
+
 class _MeanInitRunner(CausalSAETrainingRunner):
     """The runner, with every SAE's ``b_dec`` started at the mean training activation.
 
@@ -97,7 +124,7 @@ class _MeanInitRunner(CausalSAETrainingRunner):
                 data_provider=trainer.data_provider,
                 n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate,
             )
-        batch = torch.cat([next(trainer.data_provider) for _ in range(4)])
+        batch = torch.cat([next(trainer.data_provider) for _ in range(MEAN_INIT_BATCHES)])
         with torch.no_grad():
             self.sae.b_dec.copy_(scaler.scale(batch).mean(0).to(self.sae.b_dec))
         # SAELens moves its bar every 100 steps; short runs would show 0% to the end. Into a
@@ -156,8 +183,7 @@ def train_sae(
         cached_activations_path=None
         if cached_activations_path is None
         else str(cached_activations_path),
-        # SAELens's mixing buffer holds n_batches_in_buffer * context_size activations
-        n_batches_in_buffer=max(16, -(-8 * batch_size_tokens // tokens.shape[1])),
+        n_batches_in_buffer=buffer_batches(batch_size_tokens, tokens.shape[1]),
         lr=lr,
         n_batches_for_norm_estimate=norm_estimate_batches,
         device=device,
