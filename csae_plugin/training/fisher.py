@@ -59,8 +59,14 @@ def hook_fisher(
     generator = torch.Generator(device=tokens.device).manual_seed(seed)
     total, count = None, 0
     n_seq = tokens.shape[0]
+    # shown on a terminal only: it runs inside the training bar, and nested bars written to a
+    # log file come out as cursor-movement codes
     for start in tqdm(
-        range(0, n_seq, batch_size), desc="Fisher at the hook", unit="batch", disable=not progress
+        range(0, n_seq, batch_size),
+        desc="Fisher at the hook",
+        unit="batch",
+        disable=None if progress else True,
+        leave=False,
     ):
         rows = torch.arange(start, min(start + batch_size, n_seq))
         with torch.no_grad():
