@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from csae_plugin.causal.tail import check_model_matches_sae
+from csae_plugin.causal.tail import check_model_matches_sae, stop_after_hook
 from csae_plugin.saes.loading import SAELoadError, check_sae_weights
 
 if TYPE_CHECKING:
@@ -125,7 +125,10 @@ def validate_inputs(
             )
     with torch.no_grad():
         _, cache = model.run_with_cache(
-            eval_tokens[:2].to(model.cfg.device), names_filter=[hook_name]
+            eval_tokens[:2].to(model.cfg.device),
+            names_filter=[hook_name],
+            stop_at_layer=stop_after_hook(hook_name),
+            return_type=None,
         )
     if not torch.isfinite(cache[hook_name]).all():
         raise EvalInputError(

@@ -24,6 +24,8 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer
 
+from csae_plugin.causal.tail import stop_after_hook
+
 REFERENCE_KINDS = ("random_isotropic", "random_covariance", "random_mixture", "pca", "identity")
 
 
@@ -45,7 +47,12 @@ def hook_activations(
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start : start + batch_size].to(model.cfg.device)
-            _, cache = model.run_with_cache(batch, names_filter=hook_name, return_type=None)
+            _, cache = model.run_with_cache(
+                batch,
+                names_filter=hook_name,
+                stop_at_layer=stop_after_hook(hook_name),
+                return_type=None,
+            )
             x = cache[hook_name].reshape(*batch.shape, -1)
             keep = torch.ones_like(batch, dtype=torch.bool)
             if pad is not None and pad != bos:
