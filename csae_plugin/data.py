@@ -250,6 +250,10 @@ def _module_docstrings(module: ModuleType) -> Iterator[str]:
     """The module's docstring, then those of its public classes, functions and methods."""
     yield from _own_doc(module)
     for key, value in sorted(vars(module).items()):
+        if module is sys:
+            # sys's hooks are replaced at run time (pytest's unraisablehook, IPython's
+            # displayhook/excepthook): document the originals, so the corpus is the same there
+            value = getattr(sys, f"__{key}__", value)
         if key.startswith("_") or getattr(value, "__module__", None) != module.__name__:
             continue
         if inspect.isroutine(value):

@@ -6,7 +6,10 @@ slow test tokenises the whole corpus with the real Gemma 3 tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -182,3 +185,20 @@ def test_10_whole_corpus_tokenises_quickly_with_gemma() -> None:
     assert tokens.shape[1] == 128 and tokens.shape[0] > 2_000
     assert (tokens[:, 0] == tokenizer.bos_token_id).all()
     assert not (tokens[:, 1:] == tokenizer.bos_token_id).any()
+
+
+def test_1b_stdlib_corpus_is_the_same_under_replaced_sys_hooks(monkeypatch) -> None:
+    """pytest replaces sys.unraisablehook, IPython sys.displayhook / excepthook: the corpus
+    built here must equal the one a plain ``python`` process builds (it once differed by
+    sys.unraisablehook's docstring, so the CI sweep trained on other rows than the reference)."""
+    script = (
+        "import hashlib; from csae_plugin.data import stdlib_documents; "
+        "print(hashlib.sha1('\\0'.join(stdlib_documents()).encode()).hexdigest())"
+    )
+    plain = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    for hook in ("displayhook", "excepthook", "unraisablehook", "breakpointhook"):
+        monkeypatch.setattr(sys, hook, lambda *args: None)
+    here = hashlib.sha1("\0".join(data._stdlib_documents.__wrapped__()).encode()).hexdigest()
+    assert here == plain
