@@ -32,24 +32,26 @@ METRICS = (
     "frac_verified",
 )
 TOLERANCES = {
-    "l0": ("relative", 0.10),
-    "explained_variance": ("absolute", 0.05),
-    "ce_loss_score": ("absolute", 0.05),
-    "kl_div_score": ("absolute", 0.05),
-    "nces_geomean": ("relative", 0.30),
-    "frac_verified": ("absolute", 0.30),
+    "l0": ("relative", 0.02),
+    "explained_variance": ("absolute", 0.01),
+    "ce_loss_score": ("absolute", 0.01),
+    "kl_div_score": ("absolute", 0.01),
+    "nces_geomean": ("relative", 0.15),
+    "frac_verified": ("absolute", 0.15),
 }
-"""Seed-sized, and measured to be needed. In one process two runs are bit-identical (same seed:
-SAE weights and result JSON, ``evals/results/reproducibility_gemma-3-270m.json``;
-``tests/test_reproducible.py``). ``evals/ci_spread.py`` reran this sweep under two emulated CPUs
-(torch AVX2 / no-SIMD kernels, MKL limited to AVX2 / SSE4.2): both within 4e-4 of the reference
-on the scores, 3.4% on NCES. But on 2026-11-28 the sweep itself, run natively on this machine
-(in a fresh clone's CI and in the development checkout, three runs, identical to each other),
-gave causal CE-loss / KL-div scores 0.850 / 0.821 against the reference's 0.822 / 0.794, TopK's
-0.894 / 0.862 against 0.883 / 0.848 and TopK's NCES geomean 1.11 against 1.43, while TopK
-trained and scored alone reproduced the reference to the last digit: what moves them is
-unexplained (not the CPU emulations measured), so the tolerances stay at this size."""
-ADVANTAGE_DROP = 0.30
+"""What is left after reproducibility. On one machine two runs are bit-identical (same seed: SAE
+weights and result JSON, ``evals/results/reproducibility_gemma-3-270m.json``;
+``tests/test_reproducible.py``), whether the sweep runs as a script or under pytest
+(``tests/test_data.py``: the embedded corpus once differed under pytest, which replaces
+``sys.unraisablehook``, and CI's sweep trained on other rows, 0.03 from the reference). Another
+CPU changes floating-point reduction order, which the causal SAE's training carries on:
+``evals/ci_spread.py`` reran this sweep as two other CPUs would (AVX2 kernels + MKL's AVX2 path
++ 1 thread; no-SIMD kernels + MKL's SSE4.2 path + 2 threads; ``evals/results/ci_spread_cpu.json``)
+against the AVX-512 reference: TopK moved < 1e-5 everywhere; the causal SAE's explained
+variance, CE-loss and KL-div scores < 4e-4, its NCES geomean 3.4% and its frac_verified one
+latent of 23 (0.043). The tolerances are 25x the largest movement of the scores, 4x NCES's and
+three latents for frac_verified (the unmeasured rest: another CPU vendor's MKL kernels)."""
+ADVANTAGE_DROP = 0.15
 """How much causal frac_verified minus TopK frac_verified may fall below the reference's."""
 
 

@@ -72,3 +72,14 @@ def test_ci_sweep_matches_the_committed_reference(tmp_path, capsys):
     output = capsys.readouterr().out
     assert code == 0, output
     assert "ok (within tolerances)" in output
+
+
+def test_a_shift_the_size_of_other_training_rows_is_caught():
+    """The departure once seen when CI's sweep trained on other corpus rows (causal CE-loss
+    score 0.850 vs 0.822, TopK NCES 1.11 vs 1.43) must fail the comparison."""
+    reference, table = reference_and_table()
+    shifted = table.copy()
+    shifted.loc["causal_1024_k32", "ce_loss_score"] += 0.028
+    shifted.loc["topk_1024_k32", "nces_geomean"] *= 1.11 / 1.43
+    problems = ci_compare.compare(shifted, reference)
+    assert len(problems) == 2, problems
