@@ -1,9 +1,15 @@
-"""NCES must be able to fail: random dictionaries on the real Gemma 3 270M score ~1, unverified.
+"""NCES must be able to fail: random dictionaries on the real Gemma 3 270M are not verified.
 
 A dictionary of random directions carries no more causal structure than the null's random
-directions, so under a calibrated null its per-SAE geometric-mean NCES has a CI covering 1
-and about the FDR level of its latents is verified. The same run under the old covariance
-null shows the test has the power to fail: it rewards the random isotropic dictionary.
+directions, so under the default (matched) null about the FDR level of its latents is
+verified and its per-SAE geometric-mean NCES is not above 1. It is somewhat *below* 1 for
+covariance-shaped and mixed dictionaries (measured here: 0.72 [0.63, 0.84] and 0.73 [0.66,
+0.87]; random isotropic 0.98 [0.80, 1.15]; the 24-latent study: 0.74-0.91): a latent's one
+effect over the arithmetic mean of K skewed null effects has a log-ratio that averages below
+0. So the CI must reach down to 1 or below, and the geometric mean stay above
+:data:`MIN_GEOMEAN`, which bounds that known bias (a broken null, e.g. one whose effects
+dwarf the latents', fails it). The same run under the old covariance null shows the test has
+the power to fail: it rewards the random isotropic dictionary.
 Slow: loads the embedded model (cached after the first load).
 """
 
@@ -23,6 +29,9 @@ HOOK = "blocks.6.hook_resid_post"
 LATENTS = 12
 MAX_FALSE_VERIFIED = 2 / LATENTS
 """At FDR 0.05 over 12 null latents, 0 is expected; 2 allows for test noise, 3+ is a failure."""
+MIN_GEOMEAN = 0.6
+"""The known downward bias of null-like dictionaries' geometric mean, with room (lowest
+measured: 0.72 here, 0.74 in the study)."""
 
 
 @functools.cache
@@ -53,12 +62,14 @@ def scored(kind: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["random_isotropic", "random_covariance", "random_mixture"])
-def test_random_dictionaries_score_one_and_fail_verification_under_the_default_null(kind):
+def test_random_dictionaries_are_not_verified_and_not_above_one_under_the_default_null(kind):
     metrics = scored(kind)["matched"]
     assert metrics["n_latents_evaluated"] == LATENTS
     assert metrics["frac_dead"] < 0.5, "the reference SAE's latents must fire to be tested"
     low, high = metrics["nces_geomean_ci_low"], metrics["nces_geomean_ci_high"]
-    assert low <= 1.0 <= high, f"{kind}: geometric-mean NCES CI [{low:.3f}, {high:.3f}]"
+    assert low <= 1.0, f"{kind}: geometric-mean NCES CI [{low:.3f}, {high:.3f}] lies above 1"
+    geomean = metrics["nces_geomean"]
+    assert geomean >= MIN_GEOMEAN, f"{kind}: geometric-mean NCES {geomean:.3f}, far below 1"
     assert metrics["frac_verified"] <= MAX_FALSE_VERIFIED, metrics["frac_verified"]
 
 
