@@ -81,6 +81,10 @@ def sae_training_config(spec: TrainSpec, d_in: int, hook_name: str) -> TrainingS
     )
 
 
+BATCH_SIZE_TOKENS = 1024
+"""Training batch size in tokens (:func:`train_sae`'s default)."""
+NORM_ESTIMATE_BATCHES = 16
+"""Training batches the activation scale is estimated on (:func:`train_sae`'s default)."""
 MEAN_INIT_BATCHES = 4
 """Training batches whose mean starts every SAE's ``b_dec`` (:class:`_MeanInitRunner`)."""
 
@@ -94,8 +98,8 @@ def buffer_batches(batch_size_tokens: int, context_size: int) -> int:
 def activations_read(
     training_tokens: int,
     context_size: int,
-    batch_size_tokens: int = 1024,
-    norm_estimate_batches: int = 16,
+    batch_size_tokens: int = BATCH_SIZE_TOKENS,
+    norm_estimate_batches: int = NORM_ESTIMATE_BATCHES,
 ) -> int:
     """At most how many activations :func:`train_sae` reads for a run.
 
@@ -143,13 +147,13 @@ def train_sae(
     *,
     training_tokens: int,
     output_path: str | Path,
-    batch_size_tokens: int = 1024,
+    batch_size_tokens: int = BATCH_SIZE_TOKENS,
     lr: float = 1e-3,
     seed: int = 0,
     exclude_special_tokens: list[int] | None = None,
     verify_tokens: torch.Tensor | None = None,
     device: str = "cpu",
-    norm_estimate_batches: int = 16,
+    norm_estimate_batches: int = NORM_ESTIMATE_BATCHES,
     cached_activations_path: str | Path | None = None,
 ) -> tuple[SAE, CausalSAETrainingRunner]:
     """Train ``spec`` on activations of ``tokens`` [n, context] at ``hook_name``.
