@@ -59,6 +59,27 @@ def tiny_dataset(tiny_tokens: torch.Tensor) -> Dataset:
     return Dataset.from_dict({"input_ids": tiny_tokens.tolist()})
 
 
+@pytest.fixture
+def tiny_world(monkeypatch) -> list[str]:
+    """Route ``sae_bench``'s model and token loading to the tiny model and 12 + 12 token rows
+    (it has no tokenizer); the list records the names of the models loaded."""
+    from csae_plugin import models
+    from csae_plugin.evals.nces import main as nces_main
+
+    loads = []
+
+    def load_model(name, device="cpu", dtype="float32"):
+        loads.append(name)
+        return make_tiny_model()
+
+    def load_tokens(model, config):
+        return make_tokens(12, seed=1), make_tokens(12, seed=2)
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(nces_main, "load_tokens", load_tokens)
+    return loads
+
+
 def runner_config(sae_cfg, output_path=None, training_tokens: int = 16 * 256, seed: int = 0, **kw):
     """A SAELens runner config for the tiny model, offline (no wandb, no hub)."""
     from sae_lens import LanguageModelSAERunnerConfig

@@ -39,23 +39,6 @@ def save_causal(folder):
     return folder
 
 
-@pytest.fixture
-def tiny_world(monkeypatch):
-    """Route model and token loading to the tiny model; record model loads."""
-    loads = []
-
-    def load_model(name, device="cpu", dtype="float32"):
-        loads.append(name)
-        return make_tiny_model()
-
-    def load_tokens(model, config):
-        return make_tokens(12, seed=1), make_tokens(12, seed=2)
-
-    monkeypatch.setattr(models, "load_model", load_model)
-    monkeypatch.setattr(nces_main, "load_tokens", load_tokens)
-    return loads
-
-
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = err.strip().splitlines()

@@ -107,6 +107,8 @@ def test_chunks_resume_only_for_the_same_inputs(tmp_path):
     assert calls == [[0, 1, 2, 3], [8, 9]]  # chunk 1 was done
     np.testing.assert_array_equal(merged.latents, latents)
     np.testing.assert_array_equal(merged.effect[:, 0], latents)
+    assert len(list(work.glob("chunk_*.npz"))) == 3  # kept until the result is written
+    shards.remove_chunks(work)
     assert not work.exists()
     # a chunk from other inputs (another fingerprint) is discarded, not merged
     shards._claim(work, "key-a", 0)
@@ -124,3 +126,10 @@ def test_fingerprint_changes_with_any_input():
     assert base == shards.fingerprint({"seed": 1}, torch.zeros(3))
     assert base != shards.fingerprint({"seed": 2}, torch.zeros(3))
     assert base != shards.fingerprint({"seed": 1}, torch.tensor([0.0, 0.0, 1e-6]))
+    # a state dict: every parameter and buffer by name, dtype and exact bytes
+    state = {"W_enc": torch.ones(2, 3), "threshold": torch.zeros(3, dtype=torch.float64)}
+    key = shards.fingerprint(state)
+    assert key == shards.fingerprint({k: v.clone() for k, v in state.items()})
+    assert key != shards.fingerprint(state | {"threshold": torch.full((3,), 1e-12).double()})
+    assert key != shards.fingerprint(state | {"threshold": torch.zeros(3)})
+    assert key != shards.fingerprint(state | {"extra": torch.tensor(0.0)})

@@ -65,7 +65,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed onto ``path`` when the block succeeds.
 
     The file appears complete or not at all (``os.replace``), so an interrupted run never
-    leaves a half-written result that a rerun would mistake for a finished one.
+    leaves a half-written result that a rerun would mistake for a finished one; both the file
+    and the rename are flushed to disk (``fsync``) before the block returns, so what a caller
+    deletes next (the chunks a result was made of) is never the only copy.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,9 +76,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; results are not
+        _fsync(tmp)
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # not every system syncs a folder
+            _fsync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

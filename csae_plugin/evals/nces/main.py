@@ -196,8 +196,7 @@ def evaluate_sae(
         key = shards.fingerprint(
             asdict(config),
             sae.cfg.to_dict(),
-            sae.W_enc,
-            sae.W_dec,
+            sae.state_dict(),  # every parameter and buffer
             eval_tokens,
             reference_tokens,
             model.cfg.model_name,
@@ -312,22 +311,25 @@ def evaluate_and_save(
         print(f"Skipping {release}_{sae_id} as results already exist")
         return None
     validate_inputs(model, sae, eval_tokens, reference_tokens)
-    scored = evaluate_sae(
-        model,
-        sae,
-        eval_tokens,
-        reference_tokens,
-        config,
-        progress and shards.is_main_process(),
-        bos_token_id=bos_token_id,
-        work_dir=path.with_name(f".{path.stem}.chunks"),
-    )
-    if scored is None:  # not rank 0
-        shards.barrier()
-        return None
-    metrics, details = scored
-    result = asdict(eval_output(config, sae, release, sae_id, metrics, details, eval_id))
-    write_json_atomic(path, result)
+    work_dir = path.with_name(f".{path.stem}.chunks")
+    with shards.exclusive(work_dir):  # a second run on this result refuses
+        scored = evaluate_sae(
+            model,
+            sae,
+            eval_tokens,
+            reference_tokens,
+            config,
+            progress and shards.is_main_process(),
+            bos_token_id=bos_token_id,
+            work_dir=work_dir,
+        )
+        if scored is None:  # not rank 0
+            shards.barrier()
+            return None
+        metrics, details = scored
+        result = asdict(eval_output(config, sae, release, sae_id, metrics, details, eval_id))
+        write_json_atomic(path, result)
+        shards.remove_chunks(work_dir)  # only now: an interrupt before keeps them
     shards.barrier()  # every rank sees the result before moving on
     return result
 

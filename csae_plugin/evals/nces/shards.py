@@ -6,8 +6,10 @@ to ``<work_dir>/chunk_<c>.npz`` (atomically). When every chunk exists, rank 0 re
 order and returns the whole :class:`LatentEffects`; the other ranks return ``None``. A chunk
 holds the same numbers whichever process computed it, so 1 and N processes give identical
 per-latent results, and a rerun after an interruption (Ctrl-C, a killed rank) computes only the
-missing chunks. ``work_dir`` holds a fingerprint of the inputs; chunks left by different inputs
-are discarded, never mixed in.
+missing chunks. ``work_dir`` holds a fingerprint of the inputs (every SAE parameter and buffer
+included); chunks left by different inputs are discarded, never mixed in. The chunks stay until
+the caller has written its result (:func:`remove_chunks`), and :func:`exclusive` keeps a second
+run off the same ``work_dir`` meanwhile.
 
 Launch with the standard tool (``torchrun --nproc-per-node N -m csae_plugin.evals.nces.main``
 or ``torchrun ... -m csae_plugin.cli run``): :func:`init_from_env` joins the process group
@@ -16,14 +18,16 @@ or ``torchrun ... -m csae_plugin.cli run``): :func:`init_from_env` joins the pro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +35,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from csae_plugin.causal.engine import LatentEffects
-from csae_plugin.evals import atomic_path
+from csae_plugin.evals import EvalInputError, atomic_path
 
 FINGERPRINT_FILE = "fingerprint.json"
 _ARRAYS = ("latents", "effect", "null_effects", "sequences", "n_positions")
@@ -68,14 +72,26 @@ def barrier() -> None:
 
 
 def fingerprint(*parts: object) -> str:
-    """A short hash of the inputs a chunk's numbers depend on (tensors by their bytes)."""
+    """A short hash of the inputs a chunk's numbers depend on: tensors by dtype, shape and
+    bytes, a dict of tensors (a ``state_dict()``: every parameter and buffer) by name and
+    tensor, anything else as JSON."""
     digest = hashlib.sha256()
     for part in parts:
-        if isinstance(part, torch.Tensor):
-            digest.update(part.detach().cpu().contiguous().float().numpy().tobytes())
+        if isinstance(part, Mapping) and all(isinstance(v, torch.Tensor) for v in part.values()):
+            for name in sorted(part):
+                digest.update(name.encode())
+                _hash_tensor(digest, part[name])
+        elif isinstance(part, torch.Tensor):
+            _hash_tensor(digest, part)
         else:
             digest.update(json.dumps(part, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{flat.dtype} {tuple(tensor.shape)}".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes())
 
 
 def chunked_effects(
@@ -90,7 +106,7 @@ def chunked_effects(
 
     ``key`` fingerprints the inputs (:func:`fingerprint`). Without ``work_dir`` nothing is
     written and there must be one process. Returns the merged effects on rank 0, ``None`` on
-    the others; ``work_dir`` is removed once rank 0 has merged it.
+    the others; ``work_dir`` is kept for the caller to remove once its result is written.
     """
     rank, world = rank_and_world()
     chunks = [latents[i : i + chunk_latents] for i in range(0, len(latents), chunk_latents)]
@@ -120,9 +136,58 @@ def chunked_effects(
     barrier()  # every chunk is written
     if rank != 0:
         return None
-    merged = _merge([_load(_chunk_path(work, c)) for c in range(len(chunks))])
-    shutil.rmtree(work, ignore_errors=True)
-    return merged
+    return _merge([_load(_chunk_path(work, c)) for c in range(len(chunks))])
+
+
+def remove_chunks(work_dir: str | Path) -> None:
+    """Delete ``work_dir``'s chunks (rank 0); call only once the result they make is written."""
+    if is_main_process():
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(work_dir: str | Path) -> Iterator[None]:
+    """Hold ``work_dir``'s lock file (``.lock`` beside it) for the block, so that a second run
+    computing the same result refuses with one line instead of sharing, and then deleting,
+    this run's chunks. Rank 0 takes the lock and tells the other ranks; the operating system
+    drops it if the process dies, and the file is removed when the block ends."""
+    lock = Path(work_dir).with_suffix(".lock")
+    fd, refusal = _try_lock(lock) if is_main_process() else (None, "")
+    if rank_and_world()[1] > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise EvalInputError(refusal)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            lock.unlink(missing_ok=True)  # while still holding it
+            os.close(fd)
+
+
+def _try_lock(lock: Path) -> tuple[int | None, str]:
+    """(descriptor holding ``lock``, "") or (None, why not); no lock where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None, ""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            result = lock.name.removeprefix(".").removesuffix(".lock") + ".json"
+            return None, (
+                f"another run is computing {result} in {str(lock.parent)!r} (it holds "
+                f"{lock.name}); wait for it to finish, or pass another --output-dir"
+            )
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            return fd, ""
+        os.close(fd)  # its holder finished and removed it meanwhile: take a fresh one
 
 
 def _claim(work: Path, key: str, rank: int) -> None:
