@@ -111,3 +111,21 @@ def test_a_second_run_on_the_same_result_refuses_while_another_runs(
     calls = chunk_calls(monkeypatch)
     assert cli.main(nces_argv(sae, out)) == 0
     assert len(calls) == 2 and result_files(out) == [RESULT]
+
+
+# 3. a latent listed twice, or past d_sae, is refused before the model loads
+@pytest.mark.parametrize(
+    ("latents", "needle"),
+    [
+        ("3,3", "latent 3 is listed 2 times in latents; list each latent once"),
+        ("5,1,5,5", "latent 5 is listed 3 times"),
+        ("1,99999", "latent index 99999 out of range: the SAE has d_sae=64 latents"),
+    ],
+)
+def test_a_latent_list_the_sae_cannot_score_is_refused_before_the_model(
+    tmp_path, sae, tiny_world, capsys, latents, needle
+):
+    out = tmp_path / "out"
+    assert cli.main(nces_argv(sae, out, "--latents", latents)) == 2
+    assert needle in one_error_line(capsys)
+    assert tiny_world == [] and not out.exists()

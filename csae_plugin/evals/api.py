@@ -85,9 +85,12 @@ def evaluate_saes(
         nces_config = NCESEvalConfig(
             model_name=name, dataset=dataset or EMBEDDED_DATASET, **(nces_overrides or {})
         )
-    out = writable_dir(output_dir)
+    out = writable_dir(output_dir, create=False)  # made by the first result written
     saes = [load_sae(spec, device=device) for spec in sae_specs]
     _check_unique([(release, sae_id) for _, release, sae_id in saes])
+    if "nces" in names:
+        for sae, release, sae_id in saes:
+            _check_latents(nces_config, sae.cfg.d_sae, sae_name(release, sae_id))
     pending = []
     for sae, release, sae_id in saes:
         todo = [e for e in names if force_rerun or not _done(out, e, release, sae_id)]
@@ -210,12 +213,16 @@ def check_evals(evals: Sequence[str] | str) -> list[str]:
     return [name for name in EVALS if name in names]
 
 
-def writable_dir(path: str | Path) -> Path:
-    """``path`` created if needed and checked writable (one-line error otherwise)."""
+def writable_dir(path: str | Path, create: bool = True) -> Path:
+    """``path`` created if needed and checked writable (one-line error otherwise). With
+    ``create=False`` only checked: its nearest existing folder must be writable, and nothing
+    is created (so a run that fails before writing leaves no empty folder behind)."""
     folder = Path(path).expanduser()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise EvalInputError(
@@ -365,6 +372,19 @@ def _check_unique(names: list[tuple[str, str]]) -> None:
                 "different names"
             )
         seen.add(file_name)
+
+
+def _check_latents(config: NCESEvalConfig, d_sae: int, name: str) -> None:
+    """A latent list the SAE cannot score (an index past ``d_sae``, one listed twice) is
+    refused before the model loads."""
+    from csae_plugin.evals.nces.main import resolve_latents, select_latents
+
+    spec = resolve_latents(config.latents, d_sae)
+    if isinstance(spec, list):
+        try:
+            select_latents(spec, d_sae, config.random_seed)
+        except EvalInputError as err:
+            raise EvalInputError(f"SAE {name}: {err}") from None
 
 
 def _say(message: str, progress: bool) -> None:

@@ -61,7 +61,8 @@ AUTO_SCREENED = 256
 
 
 def select_latents(latents: str | int | list[int], d_sae: int, seed: int) -> np.ndarray:
-    """The latent indices to evaluate: all, a seeded random subset of a count, or a list."""
+    """The latent indices to evaluate: all, a seeded random subset of a count, or a list (each
+    index once, below ``d_sae``; a one-line error otherwise)."""
     if latents == "all":
         return np.arange(d_sae)
     if isinstance(latents, int):
@@ -72,7 +73,15 @@ def select_latents(latents: str | int | list[int], d_sae: int, seed: int) -> np.
     ids = np.asarray(latents, dtype=np.int64)
     if ids.min() < 0 or ids.max() >= d_sae:
         raise EvalInputError(
-            f"latent index {int(ids.max())} out of range: the SAE has d_sae={d_sae} latents"
+            f"latent index {int(ids.max())} out of range: the SAE has d_sae={d_sae} latents; "
+            f"pass indices from 0 to {d_sae - 1}"
+        )
+    values, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        repeated = int(np.argmax(counts > 1))
+        raise EvalInputError(
+            f"latent {int(values[repeated])} is listed {int(counts[repeated])} times in "
+            "latents; list each latent once"
         )
     return ids
 
