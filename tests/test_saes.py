@@ -1,7 +1,7 @@
-"""The "causal" architecture: registration, training through SAELens's runner, saving as the
-plain SAELens SAE it is equivalent to (loadable without the plugin), 0.1.0 folders, parity
-with the baselines, the conformance behaviours SAELens checks for its own architectures, and
-input errors."""
+"""The "causal" architecture: registration, training through SAELens's runner, saving the final
+SAE as the plain SAELens SAE it is equivalent to (loadable without the plugin), checkpoints that
+resume exactly, 0.1.0 folders, parity with the baselines, the conformance behaviours SAELens
+checks for its own architectures, and input errors."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from sae_lens import (
     TopKSAE,
     TopKTrainingSAEConfig,
 )
+from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
-from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file, save_file
 
 import csae_plugin
@@ -52,10 +54,10 @@ def causal_cfg(activation: str = "topk", **kw) -> CausalTrainingSAEConfig:
     return CausalTrainingSAEConfig(d_in=D_MODEL, d_sae=64, activation=activation, **kw)
 
 
-def trained(activation: str, steps: int = 30, seed: int = 0) -> CausalTrainingSAE:
+def trained(activation: str, steps: int = 30, seed: int = 0, **kw) -> CausalTrainingSAE:
     """A causal SAE briefly trained on random activations, so its weights are not at init."""
     torch.manual_seed(seed)
-    sae = CausalTrainingSAE(causal_cfg(activation, lambda_kl=0.0))
+    sae = CausalTrainingSAE(causal_cfg(activation, lambda_kl=0.0, **kw))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in range(steps):
         x = torch.randn(128, D_MODEL) * 3 + 1
@@ -142,12 +144,11 @@ def _check_in_fresh_process(cases: list[dict]) -> None:
     assert result.stdout.strip().endswith(f"ok {len(cases)}")
 
 
-def _save_three_ways(sae: CausalTrainingSAE, out: Path, runner_folder: Path | None) -> list[dict]:
-    sae.save_model(out / "save_model")
+def _save_final_two_ways(sae: CausalTrainingSAE, out: Path, runner_folder: Path) -> list[dict]:
+    """The runner's final folder and ``save_inference_model``'s (``save_model`` writes a
+    checkpoint, in the training form: ``test_checkpoint_*``)."""
     sae.save_inference_model(out / "save_inference_model")
-    folders = [out / "save_model", out / "save_inference_model"]
-    if runner_folder is not None:
-        folders.append(runner_folder)
+    folders = [out / "save_inference_model", runner_folder]
     expected = _expected(sae, out / "expected.safetensors")
     cls = SAVED_AS[sae.cfg.activation].__name__
     return [{"folder": str(f), "expected": str(expected), "cls": cls} for f in folders]
@@ -183,7 +184,7 @@ def test_saved_causal_sae_loads_without_the_plugin_with_the_same_outputs(
             )
             sae = runner_cls(cfg, override_model=tiny_model, override_dataset=tiny_dataset).run()
         assert isinstance(sae, CausalTrainingSAE)
-        cases += _save_three_ways(sae, out, out / "runner")
+        cases += _save_final_two_ways(sae, out, out / "runner")
     _check_in_fresh_process(cases)
 
 
@@ -398,7 +399,90 @@ def test_fisher_kl_term_weights_the_reconstruction_error_by_f(tiny_model, tiny_d
     assert share[100.0] < 0.85 * share[0.0], share  # measured 0.36 against 0.46
 
 
-# 6. conformance with SAELens's own architecture tests
+# 6. checkpoints keep the training form (as SAELens's BatchTopK), so a run resumes exactly
+def _buffers_off_init(sae: CausalTrainingSAE) -> CausalTrainingSAE:
+    """Buffers at values training reaches and a fresh SAE lacks (reweight's l1_weights)."""
+    with torch.no_grad():
+        if sae.cfg.activation == "relu":
+            sae.l1_weights.copy_(torch.rand(sae.cfg.d_sae) + 0.5)
+        if sae.cfg.activation == "batchtopk":
+            sae.topk_threshold.fill_(0.3)
+    return sae
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module, cast: bool = False) -> None:
+    """Every parameter and buffer equal (with ``cast``, after a cast to ``b``'s dtypes)."""
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for name, value in a.state_dict().items():
+        other = b.state_dict()[name]
+        assert torch.equal(value.to(other.dtype) if cast else value, other), name
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_checkpoint_round_trip_keeps_every_parameter_and_buffer(tmp_path, activation):
+    """SAELens's test_TrainingSAE_save_and_load_from_checkpoint, buffers included."""
+    sae = _buffers_off_init(trained(activation))
+    sae.save_model(tmp_path)
+    saved = json.loads((tmp_path / "cfg.json").read_text())
+    assert (saved["architecture"], saved["activation"]) == ("causal", activation)
+    assert saved["metadata"]["training_architecture"] == "causal"
+    loaded = TrainingSAE.from_dict(sae.cfg.to_dict())
+    loaded.load_weights_from_checkpoint(tmp_path)
+    _assert_same_state(sae, loaded)
+    again = TrainingSAE.load_from_disk(tmp_path)
+    assert type(again) is type(sae)
+    _assert_same_state(sae, again, cast=True)  # SAELens casts all to cfg.dtype (the threshold)
+
+
+def _train(activation: str, batches: list, checkpoints=None, resume=None) -> CausalTrainingSAE:
+    """SAELens's trainer over ``batches`` (one checkpoint half-way into ``checkpoints``), or
+    resumed from the checkpoint ``resume`` on the batches it had not seen."""
+    torch.manual_seed(0)
+    sae = _buffers_off_init(CausalTrainingSAE(causal_cfg(activation, lambda_kl=0.0)))
+    cfg = SAETrainerConfig(
+        total_training_samples=64 * len(batches),
+        train_batch_size_samples=64,
+        lr=1e-3,
+        lr_end=1e-4,
+        checkpoint_path=None if checkpoints is None else str(checkpoints),
+        n_checkpoints=int(checkpoints is not None),
+    )
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+    if resume is not None:
+        trainer.load_trainer_state(resume)
+        sae.load_weights_from_checkpoint(resume)
+        assert 0 < trainer.n_training_samples < cfg.total_training_samples
+    trainer.data_provider = iter(batches[trainer.n_training_samples // 64 :])
+    return trainer.fit()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_training_resumed_from_a_checkpoint_equals_one_uninterrupted_run(tmp_path, activation):
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, D_MODEL, generator=generator) * 3 + 1 for _ in range(20)]
+    one_go = _train(activation, batches, checkpoints=tmp_path)
+    (checkpoint,) = tmp_path.iterdir()
+    _assert_same_state(one_go, _train(activation, batches, resume=checkpoint))
+
+
+@pytest.mark.parametrize(
+    ("activation", "rescale"),
+    [("relu", True), ("topk", True), ("topk", False), ("batchtopk", True), ("batchtopk", False)],
+)
+def test_checkpoint_folder_loads_as_the_final_plain_sae(tmp_path, activation, rescale):
+    k = 4.5 if activation == "batchtopk" else 4  # an average k may be fractional
+    sae = _buffers_off_init(trained(activation, k=k, rescale_acts_by_decoder_norm=rescale))
+    sae.save_model(tmp_path / "checkpoint")
+    sae.save_inference_model(tmp_path / "final")
+    final = SAE.load_from_disk(tmp_path / "final")
+    from_checkpoint = SAE.load_from_disk(tmp_path / "checkpoint")
+    assert type(from_checkpoint) is type(final) is SAVED_AS[activation]
+    assert from_checkpoint.cfg.to_dict() == final.cfg.to_dict()
+    _assert_same_state(final, from_checkpoint)
+    _assert_same_state(final, load_sae_from_folder(tmp_path / "checkpoint"))  # sae_bench's
+
+
+# 7. conformance with SAELens's own architecture tests
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fold_activation_norm_scaling_factor_preserves_outputs(activation):
     sae = trained(activation)
@@ -442,7 +526,7 @@ def test_error_term_forward_equals_clean_forward(tiny_model, tmp_path, activatio
     assert not torch.allclose(model(tokens), clean, atol=1e-3)  # the splice is really there
 
 
-# 7. input errors: one clear line each
+# 8. input errors: one clear line each
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [

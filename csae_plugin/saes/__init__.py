@@ -1,9 +1,10 @@
 """The "causal" SAE architecture and its registration with SAELens.
 
 Training: ``CausalTrainingSAE`` / ``CausalTrainingSAEConfig`` under the name "causal" in any
-SAELens config. Saved and loaded: the plain SAELens SAE it is equivalent to (TopK, JumpReLU or
-standard), so no reader needs this package. Folders saved as "causal" by 0.1.0 load through
-``CausalSAE`` / ``CausalSAEConfig`` once the package is imported.
+SAELens config; checkpoints keep that training form, so a run resumes exactly. The final SAE is
+saved as the plain SAELens SAE it is equivalent to (TopK, JumpReLU or standard), so no reader
+needs this package. "causal" folders (checkpoints, and folders saved by 0.1.0) load through
+``CausalSAE`` / ``CausalSAEConfig`` as that plain SAE once the package is imported.
 """
 
 from sae_lens.registry import (

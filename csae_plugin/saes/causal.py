@@ -10,13 +10,16 @@ Everything else is SAELens's own: encoder, decoder, initialisation and the auxil
 ``StandardTrainingSAE`` with their default coefficients, so a causal SAE with ``lambda_kl=0``
 and ``verify_every=0`` trains to exactly the baseline's weights.
 
-As SAELens does for BatchTopK, "causal" exists only for training. What is saved (by the
-runner, ``save_model`` or ``save_inference_model``) is the plain SAELens SAE it is equivalent
-to, with decoder norms folded into the encoder: ``topk`` -> "topk", ``batchtopk`` -> "jumprelu"
-at the learned threshold, ``relu`` -> "standard". The causal settings (``lambda_kl``,
-``kl_every``, verification) and the plugin's version stay in the saved config's metadata
-(``training_architecture="causal"``, ``training_architecture_details``), so any SAELens-based
-tool loads the SAE without importing ``csae_plugin``.
+As SAELens does for BatchTopK, "causal" is a training architecture. Checkpoints (``save_model``,
+which SAELens's trainer calls) keep the training form, architecture "causal" with every
+parameter and buffer as they are (``topk_threshold``, ``l1_weights``), so a resumed run
+continues exactly. The final SAE (the runner's output, ``save_inference_model``) is the plain
+SAELens SAE it is equivalent to, with decoder norms folded into the encoder: ``topk`` -> "topk",
+``batchtopk`` -> "jumprelu" at the learned threshold, ``relu`` -> "standard". The causal
+settings (``lambda_kl``, ``kl_every``, verification) and the plugin's version stay in the saved
+config's metadata (``training_architecture="causal"``, ``training_architecture_details``), so
+any SAELens-based tool loads the final SAE without importing ``csae_plugin``; with the plugin
+imported, a checkpoint folder loads (``SAE.load_from_disk``) as that same plain SAE.
 
 The model is attached by :class:`csae_plugin.training.runner.CausalSAETrainingRunner`; with the
 plain SAELens runner the SAE trains as its baseline and says once that terms 3-4 are off.
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -282,13 +284,9 @@ class CausalTrainingSAE(TrainingSAE[CausalTrainingSAEConfig]):
             self._warned_no_model = True
 
     @override
-    def save_model(self, path: str | Path) -> tuple[Path, Path]:
-        """Saved as the plain SAELens SAE it is equivalent to (see the module docstring)."""
-        return self.save_inference_model(path)
-
-    @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """Reload a saved (inference-form) causal SAE into training, e.g. from a checkpoint."""
+        """Also reload an inference-form causal SAE into training (0.2.0 wrote its checkpoints
+        in that form): buffers it lacks keep their initial values."""
         super().process_state_dict_for_loading(state_dict)
         for name, buffer in self.named_buffers():
             state_dict.setdefault(name, buffer.clone())

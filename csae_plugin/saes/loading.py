@@ -61,7 +61,7 @@ def load_sae_from_folder(path: str | Path, device: str = "cpu") -> SAE:
     where = f"SAE folder {str(folder)!r}"
     _check_architecture(architecture, where)
     k = cfg.get("k")
-    if isinstance(k, float) and not k.is_integer():
+    if isinstance(k, float) and not k.is_integer() and cfg.get("activation") != "batchtopk":
         raise SAELoadError(f"{where} has k={k} in {SAE_CFG_FILENAME}; k must be a whole number")
     try:
         with quiet_library_notices():  # the evals load the model with the SAE's kwargs
