@@ -27,6 +27,7 @@ from csae_plugin.evals import (
 from csae_plugin.evals.api import (
     EVALS,
     SUMMARY_COLUMNS,
+    check_device,
     evaluate_saes,
     load_results,
     plot_results,
@@ -201,6 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(NCESEvalConfig, args, model_name=model_name, dataset=args.dataset)
     from csae_plugin.evals.nces import shards
 
+    check_device(args.device)
     device = shards.init_from_env(args.device)  # under torchrun: join its process group
     table = evaluate_saes(
         args.eval,

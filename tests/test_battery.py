@@ -7,8 +7,11 @@ Each case either finishes as an uninterrupted run would, or ends as one line
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from test_cli import FAST, one_error_line, result_files, save_standard
 
@@ -129,3 +132,77 @@ def test_a_latent_list_the_sae_cannot_score_is_refused_before_the_model(
     assert cli.main(nces_argv(sae, out, "--latents", latents)) == 2
     assert needle in one_error_line(capsys)
     assert tiny_world == [] and not out.exists()
+
+
+def _write_cfg(sae, text: str) -> None:
+    (sae / "cfg.json").write_text(text)
+
+
+def _non_utf8_copy(sae, tmp_path) -> str:
+    folder = os.fsencode(tmp_path) + b"/\xff\xfe"
+    try:
+        os.mkdir(folder)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    target = os.fsdecode(folder) + "/sae"
+    shutil.copytree(sae, target)
+    return target
+
+
+def _wider_cfg(sae) -> None:
+    cfg = json.loads((sae / "cfg.json").read_text())
+    _write_cfg(sae, json.dumps(cfg | {"d_sae": 128}))
+
+
+# 6. each bad input: exit code 2, one line naming the problem and the fix, no folder left
+# behind; the cheap ones before the model loads
+BAD_INPUTS = {
+    # case: (argv change: --sae SPEC or extra flags, setup, needle, checked before the model)
+    "device_without_gpu": (["--device", "cuda"], None, "no CUDA GPU is usable here", True),
+    "unknown_device": (["--device", "gpu"], None, "unknown device 'gpu'; pass --device", True),
+    "cfg_json_given": ("{sae}/cfg.json", None, "is a file; pass the folder that holds", True),
+    "non_utf8_path": ("{utf8}", None, "path is not valid UTF-8", True),
+    "mistyped_folder": ("results/sae", None, "'results' is not a SAELens release; check", True),
+    "cfg_is_a_list": (None, lambda s: _write_cfg(s, "[]"), "a JSON list, not an object", True),
+    "cfg_is_empty": (None, lambda s: _write_cfg(s, ""), "is corrupt", True),
+    "d_sae_mismatch": (None, _wider_cfg, "W_dec has shape [64, 32] in sae_weights", True),
+    "no_weights": (
+        None,
+        lambda s: (s / "sae_weights.safetensors").unlink(),
+        "is not a saved SAE: it needs",
+        True,
+    ),
+    "damaged_weights": (
+        None,
+        lambda s: (s / "sae_weights.safetensors").write_bytes(b"\0" * 64),
+        "re-save the SAE",
+        True,
+    ),
+    "same_sae_twice": (["--sae", "{sae}", "{sae}"], None, "would share the result file", True),
+    "negative_latent": (["--latents", "-1"], None, "latents", True),
+    "not_a_number": (["--null-draws", "many"], None, "null_draws", True),
+    "context_past_n_ctx": (["--context-size", "100000"], None, "n_ctx=16 positions", False),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_ends_as_one_line_naming_the_fix(
+    tmp_path, sae, tiny_world, monkeypatch, capsys, case
+):
+    change, setup, needle, cheap = BAD_INPUTS[case]
+    if case == "device_without_gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is usable here")
+    if setup is not None:
+        setup(sae)
+    if case == "mistyped_folder":
+        monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    argv = nces_argv(sae, out)
+    if isinstance(change, str):
+        argv[argv.index("--sae") + 1] = change.format(sae=sae, utf8=_non_utf8_copy(sae, tmp_path))
+    elif change is not None:
+        argv += [item.format(sae=sae) for item in change]
+    assert cli.main(argv) == 2
+    assert needle in one_error_line(capsys)
+    assert not out.exists()
+    assert tiny_world == ([] if cheap else ["tiny"])

@@ -243,7 +243,7 @@ def test_c6_saebench_spellings_are_accepted(tmp_path, tiny_world, capsys):
     out = tmp_path / "results"
     argv = ["run", "--eval", "nces", "--sae_paths", str(sae), "--model_name", "tiny"]
     argv += ["--output_folder", str(out), "--null_draws", "3", "--seqs_per_latent", "2"]
-    argv += ["--latents", "4", "--n_bootstrap", "20", "--force_rerun"]
+    argv += ["--latents", "4", "--n_bootstrap", "20", "--force_rerun", "--context_size", "16"]
     assert cli.main([*argv, "--no-progress"]) == 0
     capsys.readouterr()
     data = json.loads((out / "nces/local_sae_eval_results.json").read_text())

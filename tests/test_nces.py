@@ -1,5 +1,6 @@
 """NCES maths on synthetic effect arrays (claim 6): known ratios, the direction test's
-calibration and power, Benjamini-Hochberg, bootstrap CIs, degenerate cases and the metrics."""
+calibration and power, an unbiased per-SAE score, Benjamini-Hochberg, bootstrap CIs,
+degenerate cases and the metrics (definition 0.3.0, and 0.2.0 where it differs)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from scipy import stats
 
 from csae_plugin.causal.nces import (
     DETAIL_COLUMNS,
+    LOG_RATIO_FLOOR,
     direction_scores,
     moderated_variance,
     nces_details,
     nces_metrics,
+    storey_beats_null,
 )
 
 N_SEQ = 16
@@ -43,10 +46,46 @@ def test_6a_known_ratio():
     effect = np.array([[4e-6, 6e-6, 2e-6, 4e-6]])
     details = nces_details(effect, null)
     assert list(details.columns) == list(DETAIL_COLUMNS)
-    assert details["nces"][0] == pytest.approx(16 / 8)
+    geometric = np.prod([4e-6, 6e-6, 2e-6, 4e-6]) ** 0.25
+    assert details["nces"][0] == pytest.approx(geometric / 2e-6)  # 0.3.0: geometric means
+    assert details["percentile"][0] == 1.0
+    assert nces_details(effect, null, definition="0.2.0")["nces"][0] == pytest.approx(16 / 8)
     assert details["effect_kl"][0] == pytest.approx(4e-6)
     assert details["null_kl"][0] == pytest.approx(2e-6)
     assert details["n_sequences"][0] == 4 and not details["dead"][0]
+    with pytest.raises(ValueError, match="unknown NCES definition"):
+        nces_details(effect, null, definition="0.1")
+
+
+# 6a'. for latents that are just one more random direction the per-SAE score is unbiased
+def test_6a_per_sae_score_is_unbiased_for_null_like_latents():
+    """Skewed effects (log-normal direction and noise terms, as measured): the 0.3.0 geometric
+    mean is 1 and the rank 0.5 within their CIs, Storey's fraction beating the null ~0, and
+    the p-values uniform; 0.2.0's ratio of sums over the mean of K null effects is biased."""
+    effect, null = synthetic(400, seed=11, direction_sd=0.6)
+    details = nces_details(effect, null, n_resamples=200)
+    metrics = nces_metrics(details, n_resamples=500)
+    assert metrics["nces_geomean_ci_low"] <= 1 <= metrics["nces_geomean_ci_high"]
+    assert metrics["nces_rank_ci_low"] <= 0.5 <= metrics["nces_rank_ci_high"]
+    assert metrics["frac_beats_null"] < 0.1
+    assert stats.kstest(details["p_value"], "uniform").pvalue > 0.01
+    old = nces_metrics(nces_details(effect, null, definition="0.2.0", n_resamples=50))
+    assert old["nces_geomean_ci_high"] < 1  # the bias 0.3.0 removes
+
+
+# 6a''. Storey's estimate of the fraction of latents that beat their nulls
+def test_6a_storey_fraction_beating_the_null():
+    rng = np.random.default_rng(12)
+    p = np.concatenate([rng.uniform(size=700), rng.uniform(0, 0.01, size=300)])
+    assert storey_beats_null(p) == pytest.approx(0.3, abs=0.06)
+    assert storey_beats_null(rng.uniform(size=1000)) < 0.08
+    assert np.isnan(storey_beats_null(np.array([])))
+    shift = np.zeros(300)
+    shift[:60] = 2.0
+    effect, null = synthetic(300, shift, seed=13)
+    metrics = nces_metrics(nces_details(effect, null, n_resamples=50), n_resamples=300)
+    low, high = metrics["frac_beats_null_ci_low"], metrics["frac_beats_null_ci_high"]
+    assert low <= 0.2 <= high and high - low < 0.3
 
 
 # 6b. the direction test is calibrated when the latent is one more random direction
@@ -110,15 +149,18 @@ def test_6e_degenerate_cases():
     null[3] = 0.0  # an effect with a zero null (numerically impossible in practice)
     effect[3] = 1e-9
     details = nces_details(effect, null)  # row 4: dead
-    assert details["nces"][0] == pytest.approx(3.0 / null[0, 0].mean())
+    floor = LOG_RATIO_FLOOR
+    assert details["nces"][0] == pytest.approx(3.0 / np.exp(np.log(null[0, 0] + floor).mean()))
     assert np.isnan(details["ci_low"][0]) and np.isfinite(details["p_value"][0])
-    assert details["nces"][1] == 0.0 and details["p_value"][1] > 0.5
+    assert details["nces"][1] < 1e-9 and details["p_value"][1] > 0.5
     assert np.isnan(details["nces"][2]) and not details["dead"][2]
-    assert np.isinf(details["nces"][3])
+    assert details["nces"][3] == pytest.approx((1e-9 + floor) / floor)
     assert details["dead"].tolist() == [False, False, False, False, True]
     assert not details["verified"][1:].any()
     assert np.isnan(details["p_value"][2:]).all()  # null draws all alike: nothing to test
     assert np.isnan(details["q_value"][4]) and np.isnan(details["nces"][4])
+    old = nces_details(effect, null, definition="0.2.0")
+    assert old["nces"][1] == 0.0 and np.isinf(old["nces"][3]) and np.isnan(old["nces"][2])
 
 
 def test_6e_direction_scores_and_variance_shrinkage():
@@ -145,11 +187,17 @@ def test_6f_metrics():
     details = nces_details(effect, null)
     weights = np.array([1.0, 0.0, 3.0, 5.0])
     metrics = nces_metrics(details, weights)
+    nces = details["nces"].to_numpy()
+    assert nces[0] == pytest.approx(2.0) and nces[2] == pytest.approx(4.0)
     assert metrics["nces_median"] == pytest.approx(2.0)
-    assert metrics["nces_geomean"] == pytest.approx(np.sqrt(2.0 * 4.0))  # the 0 is left out
+    assert metrics["nces_geomean"] == pytest.approx(np.exp(np.log(nces[:3]).mean()))
+    assert metrics["nces_rank"] == pytest.approx((1 + 0 + 1) / 3)
     assert metrics["frac_dead"] == pytest.approx(0.25)
     assert metrics["frac_verified"] == pytest.approx(details["verified"][:3].sum() / 3)
-    assert metrics["activation_weighted_nces"] == pytest.approx((1 * 2 + 3 * 4) / 4)
+    # weighted geometric mean; latent 1 has weight 0
+    assert metrics["activation_weighted_nces"] == pytest.approx(
+        np.exp((np.log(2) + 3 * np.log(4)) / 4)
+    )
     assert metrics["mean_effect_kl"] == pytest.approx(2.0)
     assert metrics["mean_null_kl"] == pytest.approx(1.0)
     assert metrics["n_latents_evaluated"] == 4

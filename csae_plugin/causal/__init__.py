@@ -14,6 +14,7 @@ from csae_plugin.causal.interventions import (
     latent_null_directions,
     null_directions,
     resample_values,
+    spectral_bands,
 )
 from csae_plugin.causal.naive import naive_latent_effect
 from csae_plugin.causal.reference_stats import ReferenceStats, reference_stats
@@ -33,4 +34,5 @@ __all__ = [
     "null_directions",
     "reference_stats",
     "resample_values",
+    "spectral_bands",
 ]

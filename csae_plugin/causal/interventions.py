@@ -22,13 +22,31 @@ if TYPE_CHECKING:
 INTERVENTIONS = ("zero", "mean", "resample", "steer")
 """Ways to change one latent: to 0, to its reference mean, to a reference value, or add to it."""
 
-NULLS = ("matched", "covariance", "isotropic")
+NULLS = ("matched", "matched_eigen", "covariance", "isotropic")
 """Random-direction nulls. With Sigma = V diag(lambda) V^T the activations' covariance and d the
-latent's decoder direction, u is z ~ N(0, I) mapped by V (|V^T d| * z) (``matched``: the
-latent's own energy in each principal direction, signs and mixing within randomised),
-V (sqrt(lambda) * z) (``covariance``: u ~ N(0, Sigma)) or z itself (``isotropic``), then
-normalised. ``matched`` is the default: it is the one under which random dictionaries of every
-shape tried score NCES ~1 and fail verification (README, "what exactly is measured")."""
+latent's decoder direction, the null's unit directions u are:
+
+* ``matched`` (the default): d's own energy in each band of Sigma's spectrum
+  (:func:`spectral_bands`), each band's part a uniformly random direction within that band.
+  Within-band rotations of V (rounding moves eigenvectors where eigenvalues nearly coincide)
+  leave it unchanged, and a random direction isotropic within bands is distributed exactly
+  like its own null draws.
+* ``matched_eigen`` (NCES 0.2.0's ``matched``): V (|V^T d| * z), z ~ N(0, I): d's energy per
+  principal direction, rescaled by a random factor each, so a random direction is not
+  distributed like its own nulls; kept to compare with 0.2.0 results.
+* ``covariance``: u ~ N(0, Sigma); ``isotropic``: u ~ N(0, I). Calibrated only for directions
+  shaped like them (docs/nces.md, "the null")."""
+
+_STREAMS = {"matched_eigen": 0, "isotropic": 2, "matched": 3}
+"""Each null's random stream key (0.2.0's nulls keep theirs, so their draws are unchanged)."""
+
+BAND_RELATIVE_GAP = 0.01
+"""Neighbouring eigenvalues (ascending) start a new spectral band when the larger exceeds the
+smaller by more than this fraction: nearly coincident ones, whose eigenvectors rounding can
+rotate into each other, always share a band."""
+
+BAND_FLOOR = 1e-9
+"""Eigenvalues below this fraction of the largest (numerically zero) form one band."""
 
 DEFAULT_NULL = "matched"
 
@@ -37,6 +55,20 @@ def draw_generator(seed: int, *keys: int) -> torch.Generator:
     """A CPU generator seeded from ``(seed, *keys)``: independent streams per latent/sequence."""
     state = np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+def spectral_bands(eigvals: torch.Tensor, relative_gap: float = BAND_RELATIVE_GAP) -> torch.Tensor:
+    """Band index of each eigenvalue (``eigvals`` ascending, as ``torch.linalg.eigh`` gives).
+
+    A band is a run of neighbours each within ``relative_gap`` of the next; eigenvalues below
+    :data:`BAND_FLOOR` x the largest share band 0.
+    """
+    lam = eigvals.double().cpu().clamp(min=0)
+    floor = BAND_FLOOR * float(lam.max()) if len(lam) else 0.0
+    tiny = lam <= floor
+    breaks = (lam[1:] > lam[:-1] * (1 + relative_gap)) & ~tiny[1:] & ~tiny[:-1]
+    breaks |= tiny[:-1] & ~tiny[1:]
+    return torch.cat([torch.zeros(1, dtype=torch.long), breaks.long().cumsum(0)])
 
 
 def null_directions(
@@ -48,22 +80,41 @@ def null_directions(
 ) -> torch.Tensor:
     """``n`` unit random directions of kind ``null`` (:data:`NULLS`) [n, d_in].
 
-    ``direction`` (the latent's decoder direction, any norm) is needed by ``matched``.
+    ``direction`` (the latent's decoder direction, any norm) is needed by the matched nulls.
     """
     check_null(null)
     basis = stats.cov_eigvecs.double().cpu()
     z = torch.randn(n, basis.shape[1], generator=generator, dtype=torch.float64)
     if null == "isotropic":
         u = z
+    elif null == "covariance":
+        u = (z * stats.cov_eigvals.double().cpu().sqrt()) @ basis.T
+    elif direction is None:
+        raise ValueError(f"the {null!r} null needs the latent's decoder direction")
+    elif null == "matched_eigen":
+        u = (z * (direction.double().cpu().reshape(-1) @ basis).abs()) @ basis.T
     else:
-        if null == "covariance":
-            scale = stats.cov_eigvals.double().cpu().sqrt()
-        elif direction is None:
-            raise ValueError("the 'matched' null needs the latent's decoder direction")
-        else:
-            scale = (direction.double().cpu().reshape(-1) @ basis).abs()
-        u = (z * scale) @ basis.T
+        u = band_matched(z, direction.double().cpu().reshape(-1), basis, stats.cov_eigvals)
     return (u / u.norm(dim=1, keepdim=True).clamp(min=1e-30)).float()
+
+
+def band_matched(
+    z: torch.Tensor, direction: torch.Tensor, basis: torch.Tensor, eigvals: torch.Tensor
+) -> torch.Tensor:
+    """Rows of ``z`` [n, d_in] made into ``direction``'s band-matched null draws [n, d_in].
+
+    Each band's part of z (its projection on the band's eigenspace, which no within-band
+    rotation of ``basis`` changes) is rescaled to the direction's energy in that band.
+    """
+    bands = spectral_bands(eigvals)
+    n_bands = int(bands.max()) + 1
+    energy = torch.zeros(n_bands, dtype=torch.float64).index_add_(
+        0, bands, (direction @ basis) ** 2
+    )
+    coords = z @ basis  # [n, d_in]: z in the eigenbasis
+    z_energy = torch.zeros(len(z), n_bands, dtype=torch.float64).index_add_(1, bands, coords**2)
+    scale = (energy / z_energy.clamp(min=1e-300)).sqrt()  # [n, n_bands]
+    return (coords * scale[:, bands]) @ basis.T
 
 
 def latent_null_directions(
@@ -77,11 +128,11 @@ def latent_null_directions(
     """The engine's null directions of kind ``null`` for ``latent`` [null_draws, d_in].
 
     One set per latent and null, shared by all its sequences (each null from its own stream,
-    ``draw_generator(seed, 0, latent[, NULLS.index(null)])``), so the null also measures how
+    ``draw_generator(seed, 0, latent[, stream])``), so the null also measures how
     much random directions differ from each other.
     """
     check_null(null)
-    keys = (latent,) if null == "covariance" else (latent, NULLS.index(null))
+    keys = (latent,) if null == "covariance" else (latent, _STREAMS[null])
     return null_directions(stats, null_draws, draw_generator(seed, 0, *keys), null, direction)
 
 

@@ -1,19 +1,25 @@
 """NCES maths: per-latent scores, significance and per-SAE metrics from effect arrays.
 
 Pure array code (numpy, scipy, pandas); the effects come from
-:func:`csae_plugin.causal.engine.latent_effects`. Definitions follow ``shared/design/nces.md``:
+:func:`csae_plugin.causal.engine.latent_effects`. The definition is ``docs/nces.md``; in short
+(definition ``0.3.0``, the default):
 
-* ``NCES_i = sum_s E_i(s) / sum_s E_i^null(s)`` over the sequences where latent i fires,
-  with ``E_i^null(s)`` the mean over the K null draws.
-* Significance compares the latent's direction with the null directions themselves. Per
-  sequence, each of the K + 1 directions (the latent's and the K null ones, which the engine
-  shares across a latent's sequences) gets the paired log-ratio of its effect to the mean of
-  the other K; ``R_a`` is its mean over sequences. Under the null hypothesis (the latent's
-  direction behaves like one of its random null directions) the K + 1 values are exchangeable,
-  so ``R_latent`` is tested against the spread of the K null ``R_k`` with a one-sided
-  prediction t-test whose variance is moderated across latents (empirical Bayes, Smyth 2004).
-  A test over sequences alone would call every above-average random direction significant.
+* Each of a latent's K + 1 directions (its own, a = 0, and its K null directions, shared by
+  all its sequences) gets a score ``L_a``: the mean over the latent's sequences of
+  ``log E_a(s)``. ``NCES_i = exp(L_0 - mean_k L_k)``: the latent's geometric-mean effect over
+  that of its null directions. It is the same function of every direction, so for a latent
+  that is just one more random direction its log has mean exactly 0 (the per-SAE geometric
+  mean is unbiased at 1), where a ratio of sums over a mean of K skewed null effects is biased
+  low (definition ``0.2.0``, kept for comparison).
+* ``percentile``: the fraction of its null directions the latent beats (0.5 under the null).
+* Significance: ``L_0`` against the spread of the K null ``L_k``, a one-sided prediction
+  t-test whose variance is moderated across latents (empirical Bayes, Smyth 2004). Under the
+  null hypothesis (the latent's direction behaves like one of its random null directions) the
+  K + 1 scores are exchangeable, so its p-values are uniform, not only rarely small.
 * Benjamini-Hochberg q-values over the tested latents; verified = q < fdr_level and NCES > 1.
+* Per SAE, beside the fraction verified (a lower bound that shrinks with the number of latents
+  tested), ``frac_beats_null``: Storey's estimate 1 - pi0 of the fraction of latents whose
+  direction beats their nulls, from the p-values, with a bootstrap CI over latents.
 * Several nulls at once (``LatentEffects.nulls``): each gets its own NCES, CI, q-value and
   verdict; ``verified_all_nulls`` (verified against every null run) is the conservative verdict.
 """
@@ -27,17 +33,27 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
+DEFINITIONS = ("0.3.0", "0.2.0")
+"""NCES definitions: ``0.3.0`` (geometric-mean ratio, exchangeable direction test; the
+default) and ``0.2.0`` (ratio of sums, kept so old results can be compared)."""
+
+DEFAULT_DEFINITION = "0.3.0"
+
 LOG_RATIO_FLOOR = 1e-12
-"""Nats added to both sides of each log-ratio, so zero effects give finite ratios (0/0 -> 0).
+"""Nats added to every effect before its log, so zero effects give finite scores.
 
 Below the engine's KL accuracy (~1e-12), so it only matters for exactly-zero perturbations.
 """
+
+STOREY_LAMBDA = 0.5
+"""p-value above which Storey's estimator counts latents as null (pi0 = #{p > l} / (m (1 - l)))."""
 
 DETAIL_COLUMNS = (
     "latent",
     "nces",
     "ci_low",
     "ci_high",
+    "percentile",
     "p_value",
     "q_value",
     "verified",
@@ -48,7 +64,16 @@ DETAIL_COLUMNS = (
 )
 
 
-NULL_COLUMNS = ("nces", "ci_low", "ci_high", "p_value", "q_value", "verified", "null_kl")
+NULL_COLUMNS = (
+    "nces",
+    "ci_low",
+    "ci_high",
+    "percentile",
+    "p_value",
+    "q_value",
+    "verified",
+    "null_kl",
+)
 """Columns that depend on the null: suffixed ``_<null>`` per null when several were run."""
 
 
@@ -61,7 +86,15 @@ class EffectsLike(Protocol):
     nulls: tuple[str, ...]
 
 
-def effects_details(effects: EffectsLike, **kwargs: float | int) -> pd.DataFrame:
+def check_definition(definition: str) -> str:
+    if definition not in DEFINITIONS:
+        raise ValueError(
+            f"unknown NCES definition {definition!r}; choose one of {', '.join(DEFINITIONS)}"
+        )
+    return definition
+
+
+def effects_details(effects: EffectsLike, **kwargs: float | int | str) -> pd.DataFrame:
     """:func:`nces_details` under each null of ``effects``, in one frame.
 
     The unsuffixed columns are the first null's; with several nulls every null's
@@ -96,17 +129,20 @@ def nces_details(
     null_per_draw: np.ndarray,
     latents: np.ndarray | None = None,
     *,
+    definition: str = DEFAULT_DEFINITION,
     fdr_level: float = 0.05,
     confidence_level: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Per-latent NCES, bootstrap CI, p- and q-value and verdict (columns :data:`DETAIL_COLUMNS`).
+    """Per-latent NCES, CI, percentile, p- and q-value and verdict (:data:`DETAIL_COLUMNS`).
 
     ``effect`` is [n_latents, n_seq] and ``null_per_draw`` [n_latents, n_seq, K] (or
     [n_latents, n_seq] for K = 1), NaN where a latent has fewer sequences. Latents with no
-    sequence are ``dead``: NaN scores, never verified. p-values need K >= 2 null draws.
+    sequence are ``dead``: NaN scores, never verified. A latent whose perturbation and null
+    perturbations all had no effect gets NaN (0 / 0). p-values need K >= 2 null draws.
     """
+    check_definition(definition)
     effect = np.asarray(effect, dtype=np.float64)
     null = np.asarray(null_per_draw, dtype=np.float64)
     if null.ndim == 2:
@@ -123,16 +159,27 @@ def nces_details(
     dead = n_seq == 0
     null_mean = null.mean(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        nces = ratio_of_sums(effect, null_mean)
         effect_kl = np.where(dead, np.nan, np.nansum(effect, axis=1) / np.maximum(n_seq, 1))
         null_kl = np.where(dead, np.nan, np.nansum(null_mean, axis=1) / np.maximum(n_seq, 1))
+    scores = log_scores(effect, null)
+    percentile = beaten_fraction(scores)
+    if definition == "0.3.0":
+        with np.errstate(over="ignore"):
+            nces = np.exp(scores[:, 0] - scores[:, 1:].mean(axis=1))
+        nothing_moved = (np.nansum(effect, axis=1) == 0) & (np.nansum(null_mean, axis=1) == 0)
+        nces[nothing_moved] = np.nan
+        p_value = prediction_p_values(scores)
+        ci = log_ratio_bootstrap_ci(effect, null, confidence_level, n_resamples, seed)
+    else:
+        nces = ratio_of_sums(effect, null_mean)
+        p_value = prediction_p_values(direction_scores(effect, null))
+        ci = bootstrap_ci(effect, null_mean, confidence_level, n_resamples, seed)
     nces[dead] = np.nan
-    p_value = direction_p_values(effect, null)
+    percentile[dead] = np.nan
     p_value[dead] = np.nan
     q_value = np.full(n_lat, np.nan)
     if (~dead).any():
         q_value[~dead] = stats.false_discovery_control(np.nan_to_num(p_value[~dead], nan=1.0))
-    ci = bootstrap_ci(effect, null_mean, confidence_level, n_resamples, seed)
     verified = ~dead & (np.nan_to_num(q_value, nan=1.0) < fdr_level) & (np.nan_to_num(nces) > 1)
     return pd.DataFrame(
         {
@@ -140,6 +187,7 @@ def nces_details(
             "nces": nces,
             "ci_low": ci[:, 0],
             "ci_high": ci[:, 1],
+            "percentile": percentile,
             "p_value": p_value,
             "q_value": q_value,
             "verified": verified,
@@ -152,8 +200,25 @@ def nces_details(
     )
 
 
+def log_scores(effect: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """``L_a`` [n_latents, K + 1]: mean over sequences of log(E_a(s) + floor), the latent's
+    direction first (a = 0), then its K null directions (NaN for dead latents)."""
+    variants = np.concatenate([effect[..., None], null], axis=-1)  # [n, S, K+1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows of dead latents
+        return np.nanmean(np.log(variants + LOG_RATIO_FLOOR), axis=1)
+
+
+def beaten_fraction(scores: np.ndarray) -> np.ndarray:
+    """Fraction of its null directions each latent's ``L_0`` beats (ties count half)."""
+    latent, nulls = scores[:, :1], scores[:, 1:]
+    with np.errstate(invalid="ignore"):
+        wins = (latent > nulls).mean(axis=1) + 0.5 * (latent == nulls).mean(axis=1)
+    return np.where(np.isnan(scores[:, 0]), np.nan, wins)
+
+
 def ratio_of_sums(effect: np.ndarray, null_mean: np.ndarray) -> np.ndarray:
-    """NCES per row: sum of effects / sum of null effects (NaN ignored; 0/0 -> NaN, x/0 -> inf)."""
+    """NCES 0.2.0 per row: sum of effects / sum of null effects (NaN ignored; 0/0 -> NaN)."""
     num = np.nansum(effect, axis=-1)
     den = np.nansum(null_mean, axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -161,11 +226,8 @@ def ratio_of_sums(effect: np.ndarray, null_mean: np.ndarray) -> np.ndarray:
 
 
 def direction_scores(effect: np.ndarray, null: np.ndarray) -> np.ndarray:
-    """R_a for the latent (a = 0) and each null draw (a = 1..K): [n_latents, K + 1].
-
-    ``R_a`` is the mean over sequences of log((E_a(s) + floor) / (mean_{b != a} E_b(s) +
-    floor)); ``R_0`` is the paired log-ratio of the latent's effect to the null mean.
-    """
+    """Definition 0.2.0's scores [n_latents, K + 1]: ``R_a``, the mean over sequences of
+    log((E_a(s) + floor) / (mean_{b != a} E_b(s) + floor))."""
     variants = np.concatenate([effect[..., None], null], axis=-1)  # [n, S, K+1]
     k_plus_1 = variants.shape[-1]
     others = (variants.sum(axis=-1, keepdims=True) - variants) / max(k_plus_1 - 1, 1)
@@ -175,15 +237,14 @@ def direction_scores(effect: np.ndarray, null: np.ndarray) -> np.ndarray:
         return np.nanmean(log_ratio, axis=1)
 
 
-def direction_p_values(effect: np.ndarray, null: np.ndarray) -> np.ndarray:
-    """One-sided p-value per latent that its direction beats random ones (NaN if untestable).
+def prediction_p_values(scores: np.ndarray) -> np.ndarray:
+    """One-sided p-value per latent that its direction's score beats its null directions'.
 
-    Prediction t-test of ``R_0`` against the K null ``R_k``: t = (R_0 - mean R_k) /
-    (s * sqrt(1 + 1/K)), where s^2 is the latent's variance of R_k moderated towards the
-    pooled variance of all latents (:func:`moderated_variance`). Untestable: K < 2, or null
-    draws that all score the same.
+    ``scores`` [n_latents, K + 1], the latent's first. Prediction t-test: t = (S_0 - mean S_k)
+    / (s sqrt(1 + 1/K)), where s^2 is the latent's variance of the S_k moderated towards the
+    pooled variance of all latents (:func:`moderated_variance`). NaN where untestable: K < 2,
+    or null draws that all score the same (e.g. nothing was perturbed).
     """
-    scores = direction_scores(effect, null)
     latent_score, null_scores = scores[:, 0], scores[:, 1:]
     k = null_scores.shape[1]
     p = np.full(len(scores), np.nan)
@@ -192,11 +253,15 @@ def direction_p_values(effect: np.ndarray, null: np.ndarray) -> np.ndarray:
     center = null_scores.mean(axis=1)
     var = null_scores.var(axis=1, ddof=1)
     moderated, df = moderated_variance(var, k - 1)
-    # null draws that all score the same carry no information (e.g. nothing was perturbed)
     ok = np.isfinite(latent_score) & (var > 0) & np.isfinite(moderated)
     t = (latent_score[ok] - center[ok]) / np.sqrt(moderated[ok] * (1 + 1 / k))
     p[ok] = stats.t.sf(t, df) if np.isfinite(df) else stats.norm.sf(t)
     return p
+
+
+def direction_p_values(effect: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """p-values of the direction test on the 0.3.0 scores (:func:`log_scores`)."""
+    return prediction_p_values(log_scores(effect, null))
 
 
 def moderated_variance(var: np.ndarray, df: int) -> tuple[np.ndarray, float]:
@@ -239,6 +304,33 @@ def _trigamma_inverse(x: float) -> float:
         if -step / y < 1e-8:
             break
     return float(y)
+
+
+def log_ratio_bootstrap_ci(
+    effect: np.ndarray,
+    null: np.ndarray,
+    confidence_level: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> np.ndarray:
+    """Percentile CI of NCES 0.3.0 per latent [n_latents, 2], resampling the latent's
+    sequences and its null draws together (both are samples). NaN below 2 sequences."""
+    rng = np.random.default_rng(seed)
+    out = np.full((effect.shape[0], 2), np.nan)
+    tail = (1 - confidence_level) / 2
+    for i in range(effect.shape[0]):
+        keep = ~np.isnan(effect[i])
+        n_seq, k = int(keep.sum()), null.shape[-1]
+        if n_seq < 2:
+            continue
+        own = np.log(effect[i, keep] + LOG_RATIO_FLOOR)  # [S]
+        nulls = np.log(null[i, keep] + LOG_RATIO_FLOOR)  # [S, K]
+        seqs = rng.integers(n_seq, size=(n_resamples, n_seq))
+        draws = rng.integers(k, size=(n_resamples, k))
+        null_mean = nulls[seqs[:, :, None], draws[:, None, :]].mean(axis=(1, 2))
+        log_ratio = own[seqs].mean(axis=1) - null_mean
+        out[i] = np.exp(np.quantile(log_ratio, [tail, 1 - tail]))
+    return out
 
 
 def bootstrap_ci(
@@ -302,34 +394,48 @@ def nces_metrics(
 ) -> dict[str, float]:
     """Flat per-SAE metrics from :func:`nces_details` (or one null's :func:`null_view`).
 
-    ``activation_weights`` [d_sae] (firing frequency x mean activation when active, i.e.
-    ``ReferenceStats.mean_act``) is indexed by latent id. Medians, means and weighted means run
-    over evaluated non-dead latents with a defined NCES; the geometric mean over finite
-    positive NCES (an NCES of 0 would make it 0 whatever the other latents do), with a
-    bootstrap CI over those latents. ``frac_verified_all_nulls`` counts latents verified under
-    every null run (equal to ``frac_verified`` with one null).
+    Over evaluated non-dead latents with a defined NCES: the geometric mean of NCES (0.3.0:
+    unbiased at 1 for null-like latents) with a bootstrap CI over latents, the median, the
+    mean ``percentile`` (``nces_rank``, 0.5 under the null) with its CI, and the
+    activation-weighted geometric mean (``activation_weights`` [d_sae], firing frequency x mean
+    activation when active, i.e. ``ReferenceStats.mean_act``, indexed by latent id).
+    ``frac_verified`` counts BH-verified latents; ``frac_beats_null`` estimates the fraction
+    whose direction beats their nulls (Storey's 1 - pi0 from the p-values, CI over latents).
+    ``frac_verified_all_nulls`` counts latents verified under every null run.
     """
     alive = details[~details["dead"]]
     nces = alive["nces"].to_numpy(dtype=np.float64)
     defined = ~np.isnan(nces)
     finite_positive = np.isfinite(nces) & (nces > 0)
-    weighted = np.nan
-    if activation_weights is not None:
-        finite = np.isfinite(nces)
-        w = np.asarray(activation_weights, dtype=np.float64)[alive["latent"].to_numpy()][finite]
-        if w.sum() > 0:
-            weighted = float((w * nces[finite]).sum() / w.sum())
-    n_alive = len(alive)
     log_nces = np.log(nces[finite_positive])
-    geomean_ci = geomean_bootstrap_ci(log_nces, confidence_level, n_resamples, seed)
+    weighted = np.nan
+    if activation_weights is not None and finite_positive.any():
+        w = np.asarray(activation_weights, dtype=np.float64)
+        w = w[alive["latent"].to_numpy()][finite_positive]
+        if w.sum() > 0:
+            weighted = float(np.exp((w * log_nces).sum() / w.sum()))
+    n_alive = len(alive)
+    percentile = alive["percentile"].to_numpy(dtype=np.float64)
+    percentile = percentile[~np.isnan(percentile)]
+    p_values = alive["p_value"].to_numpy(dtype=np.float64)
+    p_values = p_values[~np.isnan(p_values)]
+    geomean_ci = bootstrap_mean_ci(log_nces, confidence_level, n_resamples, seed)
+    rank_ci = bootstrap_mean_ci(percentile, confidence_level, n_resamples, seed)
+    beats_ci = bootstrap_ci_of(storey_beats_null, p_values, confidence_level, n_resamples, seed)
     all_nulls = alive["verified_all_nulls"] if "verified_all_nulls" in alive else alive["verified"]
     return {
         "nces_median": float(np.median(nces[defined])) if defined.any() else np.nan,
         "nces_geomean": float(np.exp(log_nces.mean())) if len(log_nces) else np.nan,
-        "nces_geomean_ci_low": geomean_ci[0],
-        "nces_geomean_ci_high": geomean_ci[1],
+        "nces_geomean_ci_low": float(np.exp(geomean_ci[0])),
+        "nces_geomean_ci_high": float(np.exp(geomean_ci[1])),
+        "nces_rank": float(percentile.mean()) if len(percentile) else np.nan,
+        "nces_rank_ci_low": rank_ci[0],
+        "nces_rank_ci_high": rank_ci[1],
         "frac_verified": float(alive["verified"].sum() / n_alive) if n_alive else np.nan,
         "frac_verified_all_nulls": float(all_nulls.sum() / n_alive) if n_alive else np.nan,
+        "frac_beats_null": storey_beats_null(p_values),
+        "frac_beats_null_ci_low": beats_ci[0],
+        "frac_beats_null_ci_high": beats_ci[1],
         "frac_dead": float(details["dead"].mean()) if len(details) else np.nan,
         "activation_weighted_nces": weighted,
         "mean_effect_kl": float(alive["effect_kl"].mean()) if n_alive else np.nan,
@@ -338,27 +444,56 @@ def nces_metrics(
     }
 
 
-def geomean_bootstrap_ci(
-    log_values: np.ndarray,
+def storey_beats_null(p_values: np.ndarray, lam: float = STOREY_LAMBDA) -> float:
+    """1 - pi0, Storey's estimate of the fraction of tests that are not null (NaN if none).
+
+    pi0 = #{p > lam} / (m (1 - lam)), capped at 1: null p-values are uniform, so the ones
+    above ``lam`` count (1 - lam) of the null tests.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if len(p) == 0:
+        return np.nan
+    pi0 = min(1.0, float((p > lam).sum()) / (len(p) * (1 - lam)))
+    return 1.0 - pi0
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray,
     confidence_level: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Bootstrap CI (BCa, percentile if degenerate) of exp(mean(log_values)), over the values.
+    """Bootstrap CI of the mean of ``values`` over the values (NaN below 2 values)."""
+    return bootstrap_ci_of(np.mean, values, confidence_level, n_resamples, seed)
 
-    Resamples latents, so it says how much the per-SAE geometric mean depends on which latents
-    were drawn. NaN below 2 values.
+
+def bootstrap_ci_of(
+    statistic,  # noqa: ANN001 - a function of one 1-d array
+    values: np.ndarray,
+    confidence_level: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap CI (BCa, percentile if degenerate) of ``statistic(values)`` over the values.
+
+    Resamples latents, so it says how much a per-SAE number depends on which latents were
+    drawn. NaN below 2 values.
     """
-    if len(log_values) < 2:
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
         return np.nan, np.nan
     rng = np.random.default_rng(seed)
-    data = (np.asarray(log_values, dtype=np.float64),)
+
+    def one_sample(sample: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.apply_along_axis(statistic, axis, sample)
+
+    vectorized = statistic is np.mean
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
             warnings.simplefilter("ignore")
             result = stats.bootstrap(
-                data,
-                np.mean,
+                (values,),
+                np.mean if vectorized else one_sample,
                 n_resamples=n_resamples,
                 confidence_level=confidence_level,
                 method=method,
@@ -366,5 +501,16 @@ def geomean_bootstrap_ci(
             )
         low, high = result.confidence_interval.low, result.confidence_interval.high
         if np.isfinite(low) and np.isfinite(high):
-            return float(np.exp(low)), float(np.exp(high))
+            return float(low), float(high)
     return np.nan, np.nan
+
+
+def geomean_bootstrap_ci(
+    log_values: np.ndarray,
+    confidence_level: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap CI of exp(mean(log_values)), over the values (NaN below 2 values)."""
+    low, high = bootstrap_mean_ci(log_values, confidence_level, n_resamples, seed)
+    return float(np.exp(low)), float(np.exp(high))

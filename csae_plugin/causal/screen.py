@@ -13,7 +13,8 @@ so S backward passes estimate the quadratic form for every latent at once:
 where c_{t,i} is the intervention's change of latent i at position t and n_scored_i(s) the
 number of positions from its first intervened one on (the exact engine's mean). The null's
 expectation follows from its directions' second moment: for unit directions u with
-E[u u^T] ~ V diag(w_i) V^T (V the activations' principal directions; ``matched``: w_i the
+E[u u^T] ~ V diag(w_i) V^T (V the activations' principal directions; ``matched``: d_i's
+energy fraction in each spectral band spread evenly over the band, ``matched_eigen``: the
 energy fractions of d_i, ``covariance``: lambda / sum(lambda), ``isotropic``: 1 / d_in),
 null_i(s) ~ 1/2 ||d_i||^2 mean_samples sum_j w_ij ((V^T v_i)_j)^2 / n_scored_i(s) with
 v_i = sum_t c_{t,i} g_t. (The engine normalises each random direction; the estimate uses the
@@ -36,7 +37,12 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from csae_plugin.causal.inputs import capture_rows, prepare_inputs
-from csae_plugin.causal.interventions import DEFAULT_NULL, check_null, decoder_directions
+from csae_plugin.causal.interventions import (
+    DEFAULT_NULL,
+    check_null,
+    decoder_directions,
+    spectral_bands,
+)
 from csae_plugin.causal.reference_stats import ReferenceStats
 from csae_plugin.causal.tail import encode, logits, run_tail
 
@@ -81,8 +87,18 @@ def null_weights(
     """w [n, d_in]: each latent's null second moment E[u u^T] = V diag(w) V^T (rows sum to 1)."""
     check_null(null)
     basis = stats.cov_eigvecs.to(directions)
-    if null == "matched":
+    if null == "matched_eigen":
         energy = (directions @ basis) ** 2
+    elif null == "matched":  # each band's energy spread evenly over the band
+        bands = spectral_bands(stats.cov_eigvals).to(directions.device)
+        per_dir = (directions @ basis) ** 2
+        n_bands = int(bands.max()) + 1
+        band_energy = torch.zeros(
+            len(directions), n_bands, dtype=per_dir.dtype, device=per_dir.device
+        )
+        band_energy.index_add_(1, bands, per_dir)
+        size = torch.bincount(bands, minlength=n_bands).to(per_dir)
+        energy = (band_energy / size)[:, bands]
     elif null == "covariance":
         energy = stats.cov_eigvals.to(directions).clamp(min=0).expand(len(directions), -1)
     else:

@@ -136,6 +136,12 @@ def validate_inputs(
             raise EvalInputError(
                 f"zero {what} tokens: expected a non-empty [n_seq, context] tensor, got {shape}"
             )
+        if tokens.shape[1] > model.cfg.n_ctx:
+            raise EvalInputError(
+                f"{what} token rows have {tokens.shape[1]} positions, more than model "
+                f"{model.cfg.model_name}'s n_ctx={model.cfg.n_ctx}; pass shorter rows "
+                f"(--context-size {model.cfg.n_ctx} or less)"
+            )
     with torch.no_grad():
         _, cache = model.run_with_cache(
             eval_tokens[:2].to(model.cfg.device),

@@ -80,6 +80,7 @@ def evaluate_saes(
     from csae_plugin.saes.loading import load_sae
 
     names = check_evals(evals)
+    check_device(device)
     if nces_config is None:
         name = model_name or (model.cfg.model_name if model is not None else EMBEDDED_MODEL)
         nces_config = NCESEvalConfig(
@@ -106,6 +107,12 @@ def evaluate_saes(
                 device=device,
                 dtype=nces_config.llm_dtype,
                 **(model_kwargs or {}),
+            )
+        if nces_config.context_size > model.cfg.n_ctx and eval_tokens is None:
+            raise EvalInputError(
+                f"context_size {nces_config.context_size} is longer than model "
+                f"{nces_config.model_name}'s n_ctx={model.cfg.n_ctx} positions; pass "
+                f"--context-size {model.cfg.n_ctx} or less"
             )
         if eval_tokens is None or reference_tokens is None:
             loaded_eval, loaded_reference = nces_main.load_tokens(model, nces_config)
@@ -211,6 +218,34 @@ def check_evals(evals: Sequence[str] | str) -> list[str]:
             f"unknown eval {unknown[0] if unknown else ''!r}; choose from {', '.join(EVALS)}"
         )
     return [name for name in EVALS if name in names]
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can use it on this machine; a one-line error naming the fix
+    otherwise (before any SAE or model is loaded onto it)."""
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EvalInputError(
+            f"unknown device {device!r}; pass --device cpu, cuda or cuda:N"
+        ) from None
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise EvalInputError(
+                f"device {device!r}: no CUDA GPU is usable here (torch.cuda.is_available() is "
+                "False); pass --device cpu"
+            )
+        if kind.index is not None and kind.index >= count:
+            raise EvalInputError(
+                f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                f"cuda:{count - 1}; pass one of those"
+            )
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalInputError(f"device {device!r}: MPS is not available here; pass --device cpu")
+    return device
 
 
 def writable_dir(path: str | Path, create: bool = True) -> Path:

@@ -7,7 +7,15 @@ scores these beside the trained SAEs (README, "what exactly is measured"):
 * ``random_covariance``: unit directions u ~ N(0, Sigma), Sigma the activations' covariance;
 * ``random_mixture``: each latent isotropic or covariance-shaped with probability 1/2;
 * ``pca``: the activations' principal directions, largest variance first;
-* ``identity``: the basis vectors of the hook's space (one latent per dimension).
+* ``identity``: the basis vectors of the hook's space (one latent per dimension);
+* ``planted_fisher``: the positive control, the top eigen-directions of the hook's Fisher
+  metric (:func:`csae_plugin.training.fisher.hook_fisher`), the directions the model's output
+  is most sensitive to per unit norm, so they move it more than random directions shaped like
+  them: NCES must find them.
+
+``RANDOM_SHAPES`` holds further random shapes for calibration studies:
+``random_sqrt_covariance`` (u ~ N(0, Sigma^1/2), between isotropic and covariance-shaped) and
+``random_sparse`` (8 random basis coordinates of the hook's space, Gaussian values).
 
 Each is a JumpReLU SAE with encoder = decoder transposed and ``b_dec`` = the activations' mean:
 latent i reads the projection of x - mean on its direction and fires, with that value, on the
@@ -25,8 +33,26 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer
 
 from csae_plugin.causal.tail import stop_after_hook
+from csae_plugin.training.fisher import hook_fisher
 
-REFERENCE_KINDS = ("random_isotropic", "random_covariance", "random_mixture", "pca", "identity")
+REFERENCE_KINDS = (
+    "random_isotropic",
+    "random_covariance",
+    "random_mixture",
+    "pca",
+    "identity",
+    "planted_fisher",
+)
+"""The dictionaries the demo and the study score beside trained SAEs."""
+
+RANDOM_SHAPES = ("random_sqrt_covariance", "random_sparse")
+"""Random dictionaries of other shapes, for calibration (not in the demo)."""
+
+SPARSE_COORDINATES = 8
+"""Non-zero basis coordinates of each ``random_sparse`` direction."""
+
+FISHER_SEQUENCES = 16
+"""Token rows :func:`save_reference_saes` estimates the hook's Fisher metric on."""
 
 
 def hook_activations(
@@ -67,33 +93,53 @@ def hook_activations(
 
 
 def reference_directions(
-    kind: str, acts: torch.Tensor, d_sae: int | None = None, seed: int = 0
+    kind: str,
+    acts: torch.Tensor,
+    d_sae: int | None = None,
+    seed: int = 0,
+    fisher: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unit directions [d_sae, d_in] of reference dictionary ``kind`` for activations ``acts``.
 
-    ``d_sae`` defaults to d_in; ``pca`` and ``identity`` have at most d_in latents.
+    ``d_sae`` defaults to d_in; ``pca``, ``identity`` and ``planted_fisher`` have at most d_in
+    latents; ``planted_fisher`` needs ``fisher`` [d_in, d_in], the hook's Fisher metric.
     """
-    if kind not in REFERENCE_KINDS:
-        raise ValueError(f"unknown reference SAE {kind!r}; choose one of {REFERENCE_KINDS}")
+    if kind not in REFERENCE_KINDS + RANDOM_SHAPES:
+        raise ValueError(
+            f"unknown reference SAE {kind!r}; choose one of {REFERENCE_KINDS + RANDOM_SHAPES}"
+        )
     d_in = acts.shape[1]
     n = d_in if d_sae is None else d_sae
-    if kind in ("pca", "identity") and n > d_in:
+    if kind in ("pca", "identity", "planted_fisher") and n > d_in:
         raise ValueError(f"a {kind} dictionary has at most d_in={d_in} latents, not {n}")
     gen = torch.Generator().manual_seed(seed)
     x = acts.double()
     cov = torch.cov(x.T)
     eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
+    eigvals = eigvals.clamp(min=0)
     if kind == "identity":
         dirs = torch.eye(d_in, dtype=torch.float64)[:n]
     elif kind == "pca":
         dirs = eigvecs.flip(1).T[:n]
+    elif kind == "planted_fisher":
+        if fisher is None or fisher.shape != (d_in, d_in):
+            raise ValueError("a planted_fisher dictionary needs the hook's [d_in, d_in] Fisher")
+        f = fisher.double().cpu()
+        dirs = torch.linalg.eigh((f + f.T) / 2)[1].flip(1).T[:n]
+    elif kind == "random_sparse":
+        dirs = torch.zeros(n, d_in, dtype=torch.float64)
+        for row in dirs:
+            where = torch.randperm(d_in, generator=gen)[:SPARSE_COORDINATES]
+            row[where] = torch.randn(len(where), generator=gen, dtype=torch.float64)
     else:
         isotropic = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
-        shaped = (isotropic * eigvals.clamp(min=0).sqrt()) @ eigvecs.T
+        shaped = (isotropic * eigvals.sqrt()) @ eigvecs.T
         if kind == "random_isotropic":
             dirs = isotropic
         elif kind == "random_covariance":
             dirs = shaped
+        elif kind == "random_sqrt_covariance":
+            dirs = (isotropic * eigvals.sqrt().sqrt()) @ eigvecs.T
         else:
             coin = torch.rand(n, 1, generator=gen, dtype=torch.float64) < 0.5
             dirs = torch.where(coin, isotropic, shaped)
@@ -109,11 +155,14 @@ def reference_sae(
     firing_rate: float = 0.02,
     seed: int = 0,
     model_name: str | None = None,
+    fisher: torch.Tensor | None = None,
 ) -> JumpReLUSAE:
-    """Reference dictionary ``kind`` (:data:`REFERENCE_KINDS`) on activations ``acts`` [N, d_in]."""
+    """Reference dictionary ``kind`` (:data:`REFERENCE_KINDS`, :data:`RANDOM_SHAPES`) on
+    activations ``acts`` [N, d_in] (``fisher``: the hook's Fisher metric, for
+    ``planted_fisher``)."""
     if not 0 < firing_rate < 1:
         raise ValueError(f"firing_rate must be in (0, 1), got {firing_rate}")
-    dirs = reference_directions(kind, acts, d_sae, seed)
+    dirs = reference_directions(kind, acts, d_sae, seed, fisher)
     mean = acts.mean(0)
     projections = (acts - mean) @ dirs.T
     threshold = torch.quantile(projections, 1 - firing_rate, dim=0).clamp(min=0)
@@ -151,8 +200,33 @@ def save_reference_saes(
         return folders
     acts = hook_activations(model, hook_name, tokens, bos_token_id=bos_token_id)
     name = model.cfg.model_name
+    fisher = None
+    if "planted_fisher" in kinds:
+        fisher = reference_fisher(model, hook_name, tokens, bos_token_id=bos_token_id)
     for kind, target in zip(kinds, folders, strict=True):
         width = d_sae if kind.startswith("random") else None
-        sae = reference_sae(kind, acts, hook_name, d_sae=width, seed=seed, model_name=name)
+        if kind == "planted_fisher" and d_sae is not None:
+            width = min(d_sae, acts.shape[1])
+        sae = reference_sae(
+            kind, acts, hook_name, d_sae=width, seed=seed, model_name=name, fisher=fisher
+        )
         sae.save_model(target)
     return folders
+
+
+def reference_fisher(
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: torch.Tensor,
+    *,
+    bos_token_id: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The hook's Fisher metric on the first :data:`FISHER_SEQUENCES` rows of ``tokens``."""
+    bos = (
+        bos_token_id if bos_token_id is not None else getattr(model.tokenizer, "bos_token_id", None)
+    )
+    special = None if bos is None else torch.tensor([bos])
+    return hook_fisher(
+        model, hook_name, tokens[:FISHER_SEQUENCES], special_ids=special, seed=seed, progress=False
+    )

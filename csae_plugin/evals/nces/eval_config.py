@@ -9,6 +9,7 @@ from pydantic.dataclasses import dataclass
 from sae_bench.evals.base_eval_output import BaseEvalConfig
 
 from csae_plugin.causal import DEFAULT_NULL, check_nulls
+from csae_plugin.causal.nces import DEFAULT_DEFINITION
 
 EMBEDDED_DATASET = "stdlib-docs"
 """``dataset`` value naming the embedded corpus (the Python stdlib's documentation)."""
@@ -70,10 +71,19 @@ class NCESEvalConfig(BaseEvalConfig):
         default=DEFAULT_NULL,
         title="Null",
         description="Random directions the latent is compared with: 'matched' (the latent's "
-        "own energy in each principal direction of the activations, randomised within; the "
-        "calibrated default), 'covariance' (u ~ N(0, Sigma)) or 'isotropic' (u ~ N(0, I)); "
-        "several comma-separated, each scored on its own, the first giving the headline "
-        "metrics",
+        "own energy in each band of the activations' covariance spectrum, a random direction "
+        "within each band; the calibrated default), 'matched_eigen' (0.2.0's matched null: "
+        "its energy per principal direction, randomly rescaled), 'covariance' "
+        "(u ~ N(0, Sigma)) or 'isotropic' (u ~ N(0, I)); several comma-separated, each scored "
+        "on its own, the first giving the headline metrics",
+    )
+    nces_definition: Literal["0.3.0", "0.2.0"] = Field(
+        default=DEFAULT_DEFINITION,
+        title="NCES Definition",
+        description="'0.3.0': NCES is the latent's geometric-mean effect over its null "
+        "directions' (unbiased at 1 for random directions), tested against their spread; "
+        "'0.2.0': the earlier ratio of summed effects, with 'matched' meaning 'matched_eigen', "
+        "to compare with results of csae-plugin 0.2",
     )
     null_draws: int = Field(
         default=8,
@@ -165,6 +175,13 @@ class NCESEvalConfig(BaseEvalConfig):
     def nulls(self) -> tuple[str, ...]:
         """The requested nulls, the headline one first."""
         return check_nulls(self.null)
+
+    @property
+    def engine_nulls(self) -> tuple[str, ...]:
+        """The nulls the engine draws: :attr:`nulls`, with 0.2.0's ``matched`` where asked."""
+        if self.nces_definition == "0.2.0":
+            return tuple("matched_eigen" if null == "matched" else null for null in self.nulls)
+        return self.nulls
 
     @field_validator("latents")
     @classmethod

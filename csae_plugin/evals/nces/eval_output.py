@@ -30,15 +30,16 @@ class NCESMetrics(BaseMetrics):
     nces_median: float | None = Field(
         default=None,
         title="Median NCES",
-        description="Median over evaluated, non-dead latents of NCES_i = sum of effects / sum "
-        "of null effects; above 1 = moves the output more than a random direction of the same "
-        "size and shape (the null named in 'null')",
+        description="Median over evaluated, non-dead latents of NCES_i (0.3.0: the latent's "
+        "geometric-mean effect over its null directions'); above 1 = moves the output more "
+        "than a random direction of the same size and shape (the null named in 'null')",
         json_schema_extra=DEFAULT_DISPLAY,
     )
     nces_geomean: float | None = Field(
         default=None,
         title="Geometric Mean NCES",
-        description="Geometric mean of the finite, positive NCES of non-dead latents",
+        description="Geometric mean of the finite, positive NCES of non-dead latents: 1 for "
+        "a dictionary of random directions shaped like their nulls (definition 0.3.0)",
         json_schema_extra=DEFAULT_DISPLAY,
     )
     nces_geomean_ci_low: float | None = Field(
@@ -58,6 +59,41 @@ class NCESMetrics(BaseMetrics):
         "Benjamini-Hochberg test at fdr_level (causally verified)",
         json_schema_extra=DEFAULT_DISPLAY,
     )
+    nces_rank: float | None = Field(
+        default=None,
+        title="NCES Rank",
+        description="Mean over non-dead latents of the fraction of its null directions the "
+        "latent beats (its percentile): 0.5 for random directions shaped like their nulls",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    nces_rank_ci_low: float | None = Field(
+        default=None,
+        title="NCES Rank CI Low",
+        description="Lower end of the bootstrap CI (over latents) of nces_rank",
+    )
+    nces_rank_ci_high: float | None = Field(
+        default=None,
+        title="NCES Rank CI High",
+        description="Upper end of the bootstrap CI (over latents) of nces_rank",
+    )
+    frac_beats_null: float | None = Field(
+        default=None,
+        title="Fraction Beating the Null",
+        description="Estimated fraction of non-dead latents whose direction moves the output "
+        "more than their nulls' (Storey's 1 - pi0 from the p-values); unlike frac_verified, "
+        "it does not shrink with the number of latents tested",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    frac_beats_null_ci_low: float | None = Field(
+        default=None,
+        title="Fraction Beating the Null CI Low",
+        description="Lower end of the bootstrap CI (over latents) of frac_beats_null",
+    )
+    frac_beats_null_ci_high: float | None = Field(
+        default=None,
+        title="Fraction Beating the Null CI High",
+        description="Upper end of the bootstrap CI (over latents) of frac_beats_null",
+    )
     frac_verified_all_nulls: float | None = Field(
         default=None,
         title="Fraction Verified (All Nulls)",
@@ -73,8 +109,8 @@ class NCESMetrics(BaseMetrics):
     activation_weighted_nces: float | None = Field(
         default=None,
         title="Activation-Weighted NCES",
-        description="Mean NCES weighted by firing frequency x mean activation when active "
-        "(the latent's mean activation on reference tokens)",
+        description="NCES averaged with weights firing frequency x mean activation when "
+        "active (the latent's mean activation on reference tokens); a geometric mean in 0.3.0",
     )
     mean_effect_kl: float | None = Field(
         default=None,
@@ -107,6 +143,11 @@ class NCESMetrics(BaseMetrics):
         title="Null",
         description="The random-direction null these metrics are relative to",
     )
+    nces_definition: str | None = Field(
+        default=None,
+        title="NCES Definition",
+        description="Version of the NCES definition these numbers follow (0.3.0 or 0.2.0)",
+    )
 
 
 @dataclass
@@ -121,6 +162,12 @@ class NCESMetricCategories(BaseMetricCategories):
         default_factory=NCESMetrics,
         title="NCES, Matched Null",
         description="The same metrics against the 'matched' null (all null if it was not run)",
+    )
+    nces_matched_eigen: NCESMetrics = Field(
+        default_factory=NCESMetrics,
+        title="NCES, Eigen-Matched Null",
+        description="The same metrics against the 'matched_eigen' null (0.2.0's matched; all "
+        "null if it was not run)",
     )
     nces_covariance: NCESMetrics = Field(
         default_factory=NCESMetrics,
@@ -139,13 +186,22 @@ class NCESLatentDetail(BaseResultDetail):
     latent: int = Field(title="Latent", description="Index of the latent in the SAE")
     nces: float | None = Field(
         title="NCES",
-        description="Sum of effects / sum of null effects over the latent's sequences",
+        description="0.3.0: exp(mean log effect of the latent's direction - mean over its "
+        "null directions of theirs), over its sequences; 0.2.0: sum of effects / sum of null "
+        "effects",
     )
     ci_low: float | None = Field(
-        title="CI Low", description="Lower end of the paired bootstrap CI of NCES"
+        title="CI Low",
+        description="Lower end of the bootstrap CI of NCES (sequences and null draws resampled)",
     )
     ci_high: float | None = Field(
-        title="CI High", description="Upper end of the paired bootstrap CI of NCES"
+        title="CI High",
+        description="Upper end of the bootstrap CI of NCES (sequences and null draws resampled)",
+    )
+    percentile: float | None = Field(
+        default=None,
+        title="Percentile",
+        description="Fraction of its null directions the latent's direction beats (ties half)",
     )
     p_value: float | None = Field(
         title="p-value",
@@ -171,13 +227,25 @@ class NCESLatentDetail(BaseResultDetail):
     nces_matched: float | None = Field(default=None, title="NCES (Matched Null)")
     ci_low_matched: float | None = Field(default=None, title="CI Low (Matched Null)")
     ci_high_matched: float | None = Field(default=None, title="CI High (Matched Null)")
+    percentile_matched: float | None = Field(default=None, title="Percentile (Matched Null)")
     p_value_matched: float | None = Field(default=None, title="p-value (Matched Null)")
     q_value_matched: float | None = Field(default=None, title="q-value (Matched Null)")
     verified_matched: bool | None = Field(default=None, title="Verified (Matched Null)")
     null_kl_matched: float | None = Field(default=None, title="Null KL (Matched Null)")
+    nces_matched_eigen: float | None = Field(default=None, title="NCES (Eigen-Matched Null)")
+    ci_low_matched_eigen: float | None = Field(default=None, title="CI Low (Eigen-Matched Null)")
+    ci_high_matched_eigen: float | None = Field(default=None, title="CI High (Eigen-Matched Null)")
+    percentile_matched_eigen: float | None = Field(
+        default=None, title="Percentile (Eigen-Matched Null)"
+    )
+    p_value_matched_eigen: float | None = Field(default=None, title="p-value (Eigen-Matched Null)")
+    q_value_matched_eigen: float | None = Field(default=None, title="q-value (Eigen-Matched Null)")
+    verified_matched_eigen: bool | None = Field(default=None, title="Verified (Eigen-Matched Null)")
+    null_kl_matched_eigen: float | None = Field(default=None, title="Null KL (Eigen-Matched Null)")
     nces_covariance: float | None = Field(default=None, title="NCES (Covariance Null)")
     ci_low_covariance: float | None = Field(default=None, title="CI Low (Covariance Null)")
     ci_high_covariance: float | None = Field(default=None, title="CI High (Covariance Null)")
+    percentile_covariance: float | None = Field(default=None, title="Percentile (Covariance Null)")
     p_value_covariance: float | None = Field(default=None, title="p-value (Covariance Null)")
     q_value_covariance: float | None = Field(default=None, title="q-value (Covariance Null)")
     verified_covariance: bool | None = Field(default=None, title="Verified (Covariance Null)")
@@ -185,6 +253,7 @@ class NCESLatentDetail(BaseResultDetail):
     nces_isotropic: float | None = Field(default=None, title="NCES (Isotropic Null)")
     ci_low_isotropic: float | None = Field(default=None, title="CI Low (Isotropic Null)")
     ci_high_isotropic: float | None = Field(default=None, title="CI High (Isotropic Null)")
+    percentile_isotropic: float | None = Field(default=None, title="Percentile (Isotropic Null)")
     p_value_isotropic: float | None = Field(default=None, title="p-value (Isotropic Null)")
     q_value_isotropic: float | None = Field(default=None, title="q-value (Isotropic Null)")
     verified_isotropic: bool | None = Field(default=None, title="Verified (Isotropic Null)")
