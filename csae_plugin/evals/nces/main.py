@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ def evaluate_sae(
             intervention=config.intervention
             if config.intervention in SCREEN_INTERVENTIONS
             else "zero",
-            null=config.nulls[0],
+            null=config.engine_nulls[0],
             samples=config.screen_samples,
             alpha=config.steer_alpha,
             seed=config.random_seed,
@@ -190,7 +190,7 @@ def evaluate_sae(
                 eval_tokens,
                 len(latents),
                 config.seqs_per_latent,
-                1 + len(config.nulls) * config.null_draws,
+                1 + len(config.engine_nulls) * config.null_draws,
                 config.copy_batch_size,
                 bos_token_id,
             )
@@ -228,7 +228,7 @@ def evaluate_sae(
                 seed=config.random_seed,
                 bos_token_id=bos_token_id,
                 progress=progress and len(ids) == len(latents),
-                null=config.nulls,
+                null=config.engine_nulls,
                 memory_budget_bytes=(
                     None if config.memory_budget_mb is None else config.memory_budget_mb * 2**20
                 ),
@@ -239,14 +239,21 @@ def evaluate_sae(
         )
     if effects is None:
         return None  # another rank than 0: rank 0 merges and reports
+    # the result names each null as asked (0.2.0's 'matched' is drawn as 'matched_eigen')
+    effects = replace(effects, nulls=config.nulls)
     details = effects_details(
         effects,
+        definition=config.nces_definition,
         fdr_level=config.fdr_level,
         n_resamples=config.n_bootstrap,
         seed=config.random_seed,
     )
     weights = stats.mean_act.cpu().numpy()
-    shared = {"intervention": config.intervention, "null_draws": config.null_draws}
+    shared = {
+        "intervention": config.intervention,
+        "null_draws": config.null_draws,
+        "nces_definition": config.nces_definition,
+    }
     by_null = {
         null: nces_metrics(
             null_view(details, null),
