@@ -53,3 +53,30 @@ def quiet_library_notices() -> Iterator[None]:
             yield
     finally:
         sae_lens_logger.removeFilter(notices)
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Hide the progress bars transformers, huggingface_hub and datasets draw on stderr (a
+    model's "Loading weights", downloads, dataset maps) for the duration, through their own
+    switches, which are restored after."""
+    import datasets
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as transformers_logging
+
+    transformers_on = transformers_logging.is_progress_bar_enabled()
+    hub_off = hub.are_progress_bars_disabled()
+    datasets_on = datasets.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # hub's too
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+        if hub_off:
+            hub.disable_progress_bars()
+        else:
+            hub.enable_progress_bars()
+        if datasets_on:
+            datasets.enable_progress_bars()

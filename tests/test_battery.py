@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import save_tiny_gpt2
 from safetensors.torch import load_file, save_file
 from test_cli import FAST, one_error_line, result_files, save_standard
 
@@ -206,3 +207,14 @@ def test_bad_input_ends_as_one_line_naming_the_fix(
     assert needle in one_error_line(capsys)
     assert not out.exists()
     assert tiny_world == ([] if cheap else ["tiny"])
+
+
+# 7. with --no-progress a real model load (a local Hugging Face folder) draws no progress bar,
+# so an error after it is still one line
+def test_no_progress_keeps_an_error_after_the_model_load_to_one_line(tmp_path, capsys):
+    model = save_tiny_gpt2(tmp_path / "tiny-gpt2")  # n_ctx 32
+    argv = ["run", "--eval", "nces", "--sae", str(save_standard(tmp_path / "sae"))]
+    argv += ["--model", str(model), "--output-dir", str(tmp_path / "out"), *FAST]
+    capsys.readouterr()
+    assert cli.main([*argv, "--context-size", "64"]) == 2
+    assert "n_ctx=32 positions" in one_error_line(capsys)

@@ -9,6 +9,7 @@ folders. ``csae_plugin.cli`` and ``csae_plugin.demo`` are front-ends over these 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -21,6 +22,7 @@ import pandas as pd
 
 import csae_plugin  # noqa: F401  (registers the "causal" architecture with SAELens)
 from csae_plugin import models
+from csae_plugin._compat import no_progress_bars
 from csae_plugin.evals import RESULTS_SUFFIX, EvalInputError, results_path, validate_inputs
 from csae_plugin.evals.nces.eval_config import EMBEDDED_DATASET, NCESEvalConfig
 from csae_plugin.models import EMBEDDED_MODEL
@@ -102,12 +104,13 @@ def evaluate_saes(
     if pending:
         if model is None:
             _say(f"loading model {nces_config.model_name} on {device}", progress)
-            model = models.load_model(
-                nces_config.model_name,
-                device=device,
-                dtype=nces_config.llm_dtype,
-                **(model_kwargs or {}),
-            )
+            with contextlib.nullcontext() if progress else no_progress_bars():
+                model = models.load_model(
+                    nces_config.model_name,
+                    device=device,
+                    dtype=nces_config.llm_dtype,
+                    **(model_kwargs or {}),
+                )
         if nces_config.context_size > model.cfg.n_ctx and eval_tokens is None:
             raise EvalInputError(
                 f"context_size {nces_config.context_size} is longer than model "
@@ -115,7 +118,8 @@ def evaluate_saes(
                 f"--context-size {model.cfg.n_ctx} or less"
             )
         if eval_tokens is None or reference_tokens is None:
-            loaded_eval, loaded_reference = nces_main.load_tokens(model, nces_config)
+            with contextlib.nullcontext() if progress else no_progress_bars():
+                loaded_eval, loaded_reference = nces_main.load_tokens(model, nces_config)
             eval_tokens = loaded_eval if eval_tokens is None else eval_tokens
             reference_tokens = loaded_reference if reference_tokens is None else reference_tokens
         for sae, *_ in pending:
