@@ -6,8 +6,9 @@ plots from result folders) and ``demo`` (``csae_plugin.demo``). The model is loa
 shared by both evals; finished SAEs are skipped on a rerun unless ``--force-rerun``.
 
 Every failure, an interrupt included, ends as one line ``sae_bench: error: ...`` on stderr and
-exit code 2; result files are written atomically, so none is ever half-written. This module
-only parses arguments and reports; the work is done by ``csae_plugin.evals.api``.
+exit code 2; result files are written atomically, so none is ever half-written. ``compare``
+shows the readable results and names each unreadable file on its own error line (exit code 1).
+This module only parses arguments and reports; the work is done by ``csae_plugin.evals.api``.
 """
 
 from __future__ import annotations
@@ -227,19 +228,25 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    table = load_results(args.dirs)
-    if table.empty:
+    """The table of the readable results; each unreadable file named on its own error line
+    (exit code 1 if there is any)."""
+    bad: list[str] = []
+    table = load_results(args.dirs, bad_files=bad)
+    if table.empty and not bad:
         raise EvalInputError(f"no *{RESULTS_SUFFIX} files under {', '.join(args.dirs)}")
-    print(_format(table[[c for c in SUMMARY_COLUMNS if c in table.columns]]))
-    if args.csv:
-        csv = Path(args.csv).expanduser()
-        writable_dir(csv.parent)
-        table.to_csv(csv)
-        print(f"table: {csv}")
-    if args.plots:
-        for path in plot_results(table, args.plots, eval_dirs=args.dirs):
-            print(f"plot: {path}")
-    return 0
+    if not table.empty:
+        print(_format(table[[c for c in SUMMARY_COLUMNS if c in table.columns]]))
+        if args.csv:
+            csv = Path(args.csv).expanduser()
+            writable_dir(csv.parent)
+            table.to_csv(csv)
+            print(f"table: {csv}")
+        if args.plots:
+            for path in plot_results(table, args.plots, eval_dirs=args.dirs):
+                print(f"plot: {path}")
+    for problem in bad:
+        _error(problem)
+    return 1 if bad else 0
 
 
 def _format(table: pd.DataFrame) -> str:

@@ -218,3 +218,56 @@ def test_no_progress_keeps_an_error_after_the_model_load_to_one_line(tmp_path, c
     capsys.readouterr()
     assert cli.main([*argv, "--context-size", "64"]) == 2
     assert "n_ctx=32 positions" in one_error_line(capsys)
+
+
+@pytest.fixture
+def two_results(tmp_path, tiny_world, capsys):
+    """Finished nces results of SAEs a and b in ``tmp_path/out``; returns that folder."""
+    saes = [str(save_standard(tmp_path / name)) for name in ("a", "b")]
+    out = tmp_path / "out"
+    argv = ["run", "--eval", "nces", "--sae", *saes, "--output-dir", str(out), *FAST]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    return out
+
+
+# 8. compare shows the good results, names each bad file (exit 1), and says when two files
+# hold the same eval of one SAE
+def test_compare_shows_the_good_results_and_names_each_bad_file(two_results, capsys):
+    nces = two_results / "nces"
+    (nces / "local_c_eval_results.json").write_text("{not json")
+    good = json.loads((nces / "local_a_eval_results.json").read_text())
+    bad = good | {"sae_lens_id": "d", "eval_result_metrics": []}
+    (nces / "local_d_eval_results.json").write_text(json.dumps(bad))
+    assert cli.main(["compare", str(two_results)]) == 1
+    captured = capsys.readouterr()
+    assert [line.split()[0] for line in captured.out.splitlines()[2:]] == ["a", "b"]
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("sae_bench: error: result file") for e in errors)
+    assert "local_c_eval_results.json' is corrupt (JSONDecodeError" in errors[0]
+    assert "local_d_eval_results.json' is corrupt (TypeError: eval_result_metrics" in errors[1]
+    assert "Traceback" not in captured.err
+
+
+def test_compare_says_when_two_files_hold_one_saes_result(two_results, capsys):
+    copy = two_results / "nces" / "copy" / "a_again_eval_results.json"
+    copy.parent.mkdir()
+    copy.write_text((two_results / "nces" / "local_a_eval_results.json").read_text())
+    assert cli.main(["compare", str(two_results)]) == 0
+    note = capsys.readouterr().err
+    assert "note: two nces results for a:" in note and "a_again_eval_results.json" in note
+
+
+# 8. a finished result made with other settings is skipped with a note saying why
+def test_rerun_with_other_settings_says_why_the_result_is_skipped(tmp_path, two_results, capsys):
+    result = two_results / "nces" / "local_a_eval_results.json"
+    before = result.read_text()
+    argv = ["run", "--eval", "nces", "--sae", str(tmp_path / "a"), "--output-dir", str(two_results)]
+    assert cli.main([*argv, *FAST]) == 0
+    assert "other settings" not in capsys.readouterr().err
+    assert cli.main([*argv, *FAST, "--null-draws", "4", "--latents", "5"]) == 0
+    note = capsys.readouterr().err
+    assert "result exists, made with other settings (" in note
+    assert "null_draws 3, now 4" in note and "latents 6, now 5" in note
+    assert "pass --force-rerun to redo it" in note
+    assert result.read_text() == before

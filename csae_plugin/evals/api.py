@@ -98,7 +98,18 @@ def evaluate_saes(
     for sae, release, sae_id in saes:
         todo = [e for e in names if force_rerun or not _done(out, e, release, sae_id)]
         for skipped in (e for e in names if e not in todo):
-            _say(f"[{skipped}] {sae_name(release, sae_id)}: result exists, skipped", progress)
+            path = results_path(out / skipped, release, sae_id)
+            wanted = _settings(skipped, nces_config, eval_tokens, reference_tokens)
+            other = _other_settings(path, wanted)
+            if other:  # said even without progress: the table shows an older result
+                print(
+                    f"[sae_bench] [{skipped}] {sae_name(release, sae_id)}: result exists, made "
+                    f"with other settings ({other}), skipped; pass --force-rerun to redo it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                _say(f"[{skipped}] {sae_name(release, sae_id)}: result exists, skipped", progress)
         if todo:
             pending.append((sae, release, sae_id, todo))
     if pending:
@@ -276,15 +287,29 @@ def sae_name(release: str, sae_id: str) -> str:
     return sae_id if release == "local" else f"{release}/{sae_id}"
 
 
-def load_results(dirs: Sequence[str | Path]) -> pd.DataFrame:
+def load_results(dirs: Sequence[str | Path], bad_files: list[str] | None = None) -> pd.DataFrame:
     """All result files under ``dirs``: one row per SAE, one column per flat metric.
 
     Rows are named by :func:`sae_name` (prefixed by the folder's name when the same SAE is
     found under several folders); key metrics (:data:`SUMMARY_COLUMNS`) come first. NCES
     metrics are the headline null's; each null run also gives ``<metric>_<null>`` columns.
+
+    A result file that cannot be read raises :class:`EvalInputError`; given ``bad_files``, it
+    is left out instead and described there (one line each). When two files hold the same
+    eval of the same SAE, the later one (in path order) is used and a note on stderr says so.
     """
     rows: dict[str, dict[str, Any]] = {}
-    for label, result in _results(dirs):
+    seen: dict[tuple[str, str], Path] = {}
+    for label, path, result in _results(dirs, bad_files):
+        kind = str(result.get("eval_type_id") or path.parent.name)
+        if (label, kind) in seen:
+            print(
+                f"[sae_bench] note: two {kind} results for {label}: {str(seen[label, kind])!r} "
+                f"and {str(path)!r}; showing the second",
+                file=sys.stderr,
+                flush=True,
+            )
+        seen[label, kind] = path
         row = rows.setdefault(label, {})
         for category, metrics in result.get("eval_result_metrics", {}).items():
             null = category.removeprefix("nces_") if category.startswith("nces_") else None
@@ -316,7 +341,7 @@ def plot_results(
     written = []
     details = {
         label: [d.get("nces") for d in result.get("eval_result_details") or []]
-        for label, result in _results(eval_dirs)
+        for label, _, result in _results(eval_dirs, [])
         if result.get("eval_type_id") == "nces"
     }
     if details:
@@ -372,8 +397,11 @@ def plot_results(
     return written
 
 
-def _results(dirs: Sequence[str | Path]) -> list[tuple[str, dict[str, Any]]]:
-    """(row label, parsed result) for every result file under ``dirs``."""
+def _results(
+    dirs: Sequence[str | Path], bad_files: list[str] | None = None
+) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(row label, path, parsed result) for every readable result file under ``dirs``; an
+    unreadable one raises, or, with ``bad_files``, is described there and left out."""
     found = []
     for folder in map(Path, dirs):
         if not folder.is_dir():
@@ -381,20 +409,79 @@ def _results(dirs: Sequence[str | Path]) -> list[tuple[str, dict[str, Any]]]:
         for path in sorted(folder.rglob(f"*{RESULTS_SUFFIX}")):
             try:
                 result = json.loads(path.read_text())
-                name = sae_name(result["sae_lens_release_id"], result["sae_lens_id"])
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-                raise EvalInputError(
-                    f"result file {str(path)!r} is corrupt ({type(err).__name__}); delete it "
-                    "and rerun with --force-rerun"
-                ) from err
-            found.append((folder, name, result))
+                name = _check_result(result)
+            except (ValueError, KeyError, TypeError) as err:
+                detail = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+                problem = (
+                    f"result file {str(path)!r} is corrupt ({detail}); delete it and rerun "
+                    "with --force-rerun"
+                )
+                if bad_files is None:
+                    raise EvalInputError(problem) from err
+                bad_files.append(problem)
+                continue
+            found.append((folder, path, name, result))
     folders_per_name: dict[str, set[Path]] = {}
-    for folder, name, _ in found:
+    for folder, _, name, _ in found:
         folders_per_name.setdefault(name, set()).add(folder)
     return [
-        (name if len(folders_per_name[name]) == 1 else f"{folder.name}:{name}", result)
-        for folder, name, result in found
+        (name if len(folders_per_name[name]) == 1 else f"{folder.name}:{name}", path, result)
+        for folder, path, name, result in found
     ]
+
+
+def _check_result(result: Any) -> str:
+    """The SAE name of a parsed result file; ``TypeError`` or ``KeyError`` if it is not one."""
+    if not isinstance(result, dict):
+        raise TypeError(f"a JSON {type(result).__name__}, not a result object")
+    metrics = result.get("eval_result_metrics", {})
+    if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
+        raise TypeError("eval_result_metrics is not an object of metric groups")
+    details = result.get("eval_result_details") or []
+    if not isinstance(details, list) or not all(isinstance(d, dict) for d in details):
+        raise TypeError("eval_result_details is not a list of objects")
+    return sae_name(result["sae_lens_release_id"], result["sae_lens_id"])
+
+
+_COUNTS = ("n_eval_sequences", "n_reference_sequences")
+"""Recorded as used: at most as asked (a corpus may hold fewer)."""
+
+
+def _settings(
+    eval_name: str,
+    config: NCESEvalConfig,
+    eval_tokens: torch.Tensor | None,
+    reference_tokens: torch.Tensor | None,
+) -> dict[str, Any]:
+    """The ``eval_config`` fields an ``eval_name`` result made now would record (as far as
+    known before the tokens are loaded)."""
+    wanted = dataclasses.asdict(config)
+    if eval_tokens is not None:
+        wanted |= {"context_size": eval_tokens.shape[1], "n_eval_sequences": eval_tokens.shape[0]}
+    if reference_tokens is not None:
+        wanted["n_reference_sequences"] = reference_tokens.shape[0]
+    if eval_name == "core":
+        return {key: wanted[key] for key in ("model_name", "dataset", "context_size")}
+    return wanted
+
+
+def _other_settings(path: Path, wanted: dict[str, Any]) -> str:
+    """How the result at ``path`` was made with settings other than ``wanted``, as
+    "field recorded (now asked)" items; "" when the same (or unreadable: compare says so)."""
+    try:
+        recorded = json.loads(path.read_text())["eval_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if not isinstance(recorded, dict):
+        return ""
+    changed = []
+    for key, value in wanted.items():
+        new = json.loads(json.dumps(value, default=str))
+        old = recorded.get(key, new)
+        if old == new or (key in _COUNTS and isinstance(old, int) and old < new):
+            continue
+        changed.append(f"{key} {old!r}, now {new!r}")
+    return "; ".join(changed)
 
 
 def _done(out: Path, eval_name: str, release: str, sae_id: str) -> bool:
