@@ -16,7 +16,7 @@ from conftest import save_tiny_gpt2
 from safetensors.torch import load_file, save_file
 from test_cli import FAST, one_error_line, result_files, save_standard
 
-from csae_plugin import cli
+from csae_plugin import cli, models
 from csae_plugin.evals.nces import main as nces_main
 from csae_plugin.evals.nces import shards
 
@@ -271,3 +271,14 @@ def test_rerun_with_other_settings_says_why_the_result_is_skipped(tmp_path, two_
     assert "null_draws 3, now 4" in note and "latents 6, now 5" in note
     assert "pass --force-rerun to redo it" in note
     assert result.read_text() == before
+
+
+# an interrupt while the model loads: exit 130, one line, nothing written (no folder either)
+def test_interrupt_during_the_model_load_leaves_nothing(tmp_path, sae, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "load_model", interrupted)
+    assert cli.main(nces_argv(sae, tmp_path / "out")) == 130
+    assert "interrupted" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
