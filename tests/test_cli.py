@@ -210,7 +210,8 @@ def test_c4_compare_writes_csv_and_plots(tmp_path, tiny_world, capsys):
     assert cli.main(["compare", str(out), "--csv", str(csv), "--plots", str(plots)]) == 0
     table = pd.read_csv(csv, index_col="sae")
     assert sorted(table.index) == ["causal", "standard"]
-    for column in ("l0", "explained_variance", "kl_div_score", "ce_loss_score", "nces_median"):
+    columns = ("l0", "explained_variance", "explained_variance_centered", "kl_div_score")
+    for column in (*columns, "ce_loss_score", "nces_median"):
         assert table[column].notna().all(), column
     for name in ("nces_hist.png", "l0_vs_ce_loss_score.png"):
         assert (plots / name).stat().st_size > 1000

@@ -42,7 +42,7 @@ EVALS = {
 
 SUMMARY_COLUMNS = (
     "l0",
-    "explained_variance",
+    "explained_variance_centered",  # core.CENTERED_KEY: SAEBench's explained_variance is off
     "kl_div_score",
     "ce_loss_score",
     "nces_geomean",
@@ -50,7 +50,10 @@ SUMMARY_COLUMNS = (
     "mean_effect_kl",
     "frac_dead",
 )
-"""Key metrics shown after ``sae_bench run`` and first in ``sae_bench compare``'s table."""
+"""Key metrics shown after ``sae_bench run`` and first in ``sae_bench compare``'s table.
+
+Explained variance is the conventional one ``run_core`` adds (``csae_plugin.evals.core``),
+labelled ``explained_variance_centered``; SAEBench's own stays in the full table (``--csv``)."""
 
 
 def evaluate_saes(

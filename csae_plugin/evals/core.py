@@ -3,15 +3,17 @@
 SAEBench's ``multiple_evals`` loads the model and dataset from the hub by name. This runs the
 same steps on an already built ``HookedTransformer`` and token rows (the held-out split):
 SAEBench's ``run_evals`` on a SAELens ``ActivationsStore`` over the tokens, its misc metrics,
-its NaN -> -1 cleaning and its ``save_single_eval_result``, so the numbers are core's, written
-atomically, with one exception: ``explained_variance``.
+its NaN -> -1 cleaning and its ``save_single_eval_result``, so every key SAEBench writes holds
+SAEBench's own number, written atomically (``tests/test_core.py`` checks them against SAEBench's
+``multiple_evals`` on the same SAE and tokens).
 
-SAEBench 0.6.0's ``explained_variance`` measures total variance about a wrong centre (it squares
-``E[x_d^2]`` where ``E[x_d]`` belongs, the bug SAELens fixed upstream in PR #665); on residual
-streams with a large mean, such as Gemma's, it comes out above 1. :func:`run_core` replaces it by
-the conventional ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the same tokens and
-positions (:func:`explained_variance`). ``explained_variance_legacy`` and all other fields are
-SAEBench's own.
+One key is added: SAEBench 0.6.0's ``explained_variance`` measures total variance about a wrong
+centre (it squares ``E[x_d^2]`` where ``E[x_d]`` belongs, the bug SAELens fixed upstream in PR
+#665); on residual streams with a large mean, such as Gemma's, it comes out above 1.
+:func:`run_core` adds the conventional ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over
+the same tokens and positions (:func:`explained_variance`) as ``reconstruction_quality.``
+:data:`CENTERED_KEY`, and says so in ``eval_result_unstructured`` (:data:`ADDED_NOTE`).
+The plugin's tables show that key; ``explained_variance`` stays SAEBench's.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ EVAL_TYPE_ID_CORE = "core"
 
 DEFAULT_BATCH_SIZE_PROMPTS = 16
 """Sequences per batch (SAEBench's default ``batch_size_prompts``)."""
+
+CENTERED_KEY = "explained_variance_centered"
+"""The key, in ``reconstruction_quality``, of the conventional explained variance."""
+
+ADDED_NOTE = {
+    f"reconstruction_quality.{CENTERED_KEY}": "added by csae-plugin: 1 - sum||x - x_hat||^2 "
+    "/ sum||x - mean(x)||^2 over the same tokens and positions as explained_variance. "
+    "SAEBench 0.6.0's explained_variance centres the total variance wrongly (E[x_d^2] squared "
+    "where E[x_d] belongs; fixed in SAELens PR #665) and exceeds 1 on activations with a large "
+    "mean. Every other key is SAEBench's own."
+}
+"""What ``run_core`` adds to SAEBench's file, and why (its ``eval_result_unstructured``)."""
 
 
 def core_config(
@@ -137,8 +151,9 @@ def run_core(
         "eval_cfg": config,
         "metrics": scalar_metrics,
     }
+    centered = None
     if config.compute_variance_metrics:
-        scalar_metrics["reconstruction_quality"]["explained_variance"] = explained_variance(
+        centered = explained_variance(
             model,
             sae,
             tokens[: config.n_eval_sparsity_variance_batches * config.batch_size_prompts],
@@ -159,7 +174,21 @@ def run_core(
             str(tmp),
             sae,
         )
+        if centered is not None:
+            _add_centered(tmp, centered)
     return json.loads(path.read_text())
+
+
+def _add_centered(path: Path, value: float) -> None:
+    """Put :data:`CENTERED_KEY` (NaN -> -1, as SAEBench) and :data:`ADDED_NOTE` into the file
+    SAEBench wrote at ``path``."""
+    result = json.loads(path.read_text())
+    quality = result["eval_result_metrics"].setdefault("reconstruction_quality", {})
+    quality[CENTERED_KEY] = replace_nans_with_negative_one(value)
+    result["eval_result_unstructured"] = (result.get("eval_result_unstructured") or {}) | {
+        "added_by_csae_plugin": ADDED_NOTE
+    }
+    path.write_text(json.dumps(result, indent=2))
 
 
 @torch.no_grad()
