@@ -251,7 +251,7 @@ def test_c6_saebench_spellings_are_accepted(tmp_path, tiny_world, capsys):
     assert data["eval_config"]["null_draws"] == 3 and data["eval_config"]["seqs_per_latent"] == 2
     assert cli.main(["run", "--eval", "nces", "--model", "tiny"]) == 2
     assert "no SAE given" in one_error_line(capsys)
-    parsed = nces_main.arg_parser().parse_args(
+    parsed = nces_main.cli_arg_parser().parse_args(
         ["--sae", "x", "--output-dir", "o", "--null-draws", "3", "--force-rerun"]
     )
     assert (parsed.sae_paths, parsed.output_folder, parsed.null_draws) == (["x"], "o", "3")

@@ -8,8 +8,10 @@ shuffle), so both run on the same SAE and tokens.
 from __future__ import annotations
 
 import json
+from importlib import resources
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import BOS, D_MODEL, make_tiny_model, make_tokens
 from sae_bench.evals.core import main as saebench_core
@@ -104,3 +106,24 @@ def test_core_agrees_with_saebench_core_on_every_saebench_key(tmp_path, monkeypa
     # the added key is said to be added, and differs from SAEBench's on purpose
     assert added in ours_result["eval_result_unstructured"]["added_by_csae_plugin"]
     assert ours[added] != theirs["reconstruction_quality.explained_variance"]
+
+
+def test_core_file_validates_against_saebench_core_schema(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = resources.files("sae_bench.evals.core") / "eval_output_schema_core.json"
+    validator = jsonschema.Draft202012Validator(json.loads(schema.read_text()))
+    model, tokens = make_tiny_model(), make_tokens(16, seed=4)
+    sae = StandardSAE(
+        StandardSAEConfig(d_in=D_MODEL, d_sae=64, metadata=SAEMetadata(hook_name=HOOK))
+    )
+    result = core.run_core(
+        model,
+        sae,
+        tokens,
+        release="local",
+        sae_id="tiny",
+        output_path=tmp_path,
+        bos_token_id=BOS,
+        progress=False,
+    )
+    validator.validate(result)

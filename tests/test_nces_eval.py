@@ -273,3 +273,31 @@ def test_e10_several_nulls_each_get_their_own_scores(tmp_path):
     }
     with pytest.raises(ValueError, match="unknown null 'gaussian'"):
         tiny_config(null="matched,gaussian")
+
+
+# E11. SAEBench's own CLI check passes on arg_parser(); `python -m` adds only its runtime pair
+def test_e11_cli_meets_saebench_eval_contract():
+    from sae_bench.sae_bench_utils.testing_utils import validate_eval_cli_interface
+
+    validate_eval_cli_interface(nces_main.arg_parser(), NCESEvalConfig)
+
+    def dests(parser):
+        return {action.dest for action in parser._actions} - {"help"}
+
+    extra = dests(nces_main.cli_arg_parser()) - dests(nces_main.arg_parser())
+    assert extra == set(nces_main.RUNTIME_ARGUMENTS)
+    assert not extra & {f.name for f in dataclasses.fields(NCESEvalConfig)}
+
+
+# E12. result files (with several nulls, a dead latent and the screen) validate against the
+# committed JSON schema with a JSON-schema validator, which does reject a broken file
+def test_e12_result_files_validate_against_the_committed_schema(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+    config = tiny_config(null="matched,isotropic", latents="screen:4", screen_sequences=4)
+    run(tmp_path, tiny_sae(dead=3), config)
+    data = strict_json(tmp_path / "tiny_release_custom_sae_eval_results.json")
+    assert data["eval_result_unstructured"]["screen"]
+    validator.validate(data)
+    data["eval_result_metrics"]["nces"]["n_latents_evaluated"] = "six"
+    assert not validator.is_valid(data)

@@ -422,8 +422,30 @@ def _load(release: str, sae_or_id: str | SAE, device: str) -> SAE:
 
 
 def arg_parser() -> argparse.ArgumentParser:
-    """SAEBench-style parser: SAEs by SAELens regex or local folders, config fields as flags."""
+    """SAEBench's eval CLI contract, nothing more: its common arguments (SAEs by SAELens regex,
+    output folder, force rerun) and one flag per config field, so SAEBench's
+    ``validate_eval_cli_interface(arg_parser(), NCESEvalConfig)`` passes. The command line
+    (:func:`cli_arg_parser`) adds two arguments that set no result."""
     parser = argparse.ArgumentParser(description="Run the NCES causal-effect evaluation")
+    _add_contract_arguments(parser)
+    return parser
+
+
+RUNTIME_ARGUMENTS = ("sae_paths", "device")
+"""What ``python -m csae_plugin.evals.nces.main`` takes beyond SAEBench's contract: which SAEs
+(saved folders, beside the regex) and where to run; neither is recorded in the result."""
+
+
+def cli_arg_parser() -> argparse.ArgumentParser:
+    """:func:`arg_parser` and :data:`RUNTIME_ARGUMENTS`: the parser of ``python -m``."""
+    parser = argparse.ArgumentParser(description="Run the NCES causal-effect evaluation")
+    _add_contract_arguments(parser)
+    parser.add_argument("--sae_paths", "--sae", nargs="+", default=[], help="Saved SAE folders")
+    parser.add_argument("--device", default=None, help="Device (default: cuda if available)")
+    return parser
+
+
+def _add_contract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sae_regex_pattern",
         "--sae-regex-pattern",
@@ -432,16 +454,13 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sae_block_pattern", "--sae-block-pattern", help="Regex pattern for SAELens SAE ids"
     )
-    parser.add_argument("--sae_paths", "--sae", nargs="+", default=[], help="Saved SAE folders")
     parser.add_argument(
         "--output_folder", "--output-dir", default="eval_results/nces", help="Output folder"
     )
     parser.add_argument(
         "--force_rerun", "--force-rerun", action="store_true", help="Force rerun of experiments"
     )
-    parser.add_argument("--device", default=None, help="Device (default: cuda if available)")
     add_config_arguments(parser, NCESEvalConfig)
-    return parser
 
 
 if __name__ == "__main__":
@@ -452,7 +471,7 @@ if __name__ == "__main__":
     from sae_bench.sae_bench_utils.general_utils import setup_environment
     from sae_bench.sae_bench_utils.sae_selection_utils import get_saes_from_regex
 
-    args = arg_parser().parse_args()
+    args = cli_arg_parser().parse_args()
     device = shards.init_from_env(args.device or setup_environment())
     config = config_from_args(NCESEvalConfig, args)
     selected: list[tuple[str, str | SAE]] = [("local", path) for path in args.sae_paths]
