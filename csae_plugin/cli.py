@@ -2,13 +2,14 @@
 
 Subcommands: ``run`` (evaluate SAEs; results in SAEBench's layout, ``<output-dir>/<eval>/
 <release>_<sae_id>_eval_results.json``), ``list`` (available evals), ``compare`` (tables and
-plots from result folders) and ``demo`` (``csae_plugin.demo``). The model is loaded once and
+plots from result folders; with ``--fail-on-regression`` a CI gate of a candidate's results
+on a baseline's, ``csae_plugin.evals.gate``) and ``demo`` (``csae_plugin.demo``). The model is loaded once and
 shared by both evals; finished SAEs are skipped on a rerun unless ``--force-rerun``.
 
 Every failure, an interrupt included, ends as one line ``sae_bench: error: ...`` on stderr and
 exit code 2; result files are written atomically, so none is ever half-written. ``compare``
-shows the readable results and names each unreadable file on its own error line (exit code 1).
-This module only parses arguments and reports; the work is done by ``csae_plugin.evals.api``.
+shows the readable results and names each unreadable file on its own error line (exit code 1);
+its gate exits 1 on a regression. This module only parses arguments and reports; the work is done by ``csae_plugin.evals.api``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from csae_plugin.evals import (
     EvalInputError,
     add_config_arguments,
     config_from_args,
+    gate,
 )
 from csae_plugin.evals.api import (
     EVALS,
@@ -118,13 +120,47 @@ def arg_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare",
-        help="compare result folders side by side",
+        help="compare result folders side by side, or gate a candidate on a baseline",
         description="Table (and optional CSV and plots) of the core and nces results found "
-        "under the given folders.",
+        "under the given folders. With --fail-on-regression: BASELINE CANDIDATE, a Markdown "
+        "table of each gated metric, exit code 1 when one is worse than the baseline's by "
+        "more than its tolerance or missing.",
     )
-    compare.add_argument("dirs", nargs="+", metavar="DIR", help="result folders")
+    compare.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="DIR",
+        help="result folders (with --fail-on-regression: BASELINE CANDIDATE, each a folder "
+        "or a CSV written by --csv)",
+    )
     compare.add_argument("--csv", help="write the full table to this CSV file")
     compare.add_argument("--plots", metavar="DIR", help="write plots (PNG) to this folder")
+    gating = compare.add_argument_group("gate (CI)")
+    gating.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help="compare CANDIDATE with BASELINE; exit 1 on a regression or a missing metric",
+    )
+    gating.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="override or add a tolerance: absolute (ce_loss_score=0.02), relative "
+        "(nces_geomean=20%%) or off (l0=off); repeatable. Defaults: "
+        + ", ".join(f"{k}={v}" for k, v in gate.DEFAULT_TOLERANCES.items()).replace("%", "%%"),
+    )
+    gating.add_argument(
+        "--two-sided",
+        action="store_true",
+        help="also fail when a metric improves beyond its tolerance (a rerun that must "
+        "reproduce its reference)",
+    )
+    gating.add_argument(
+        "--summary",
+        metavar="FILE",
+        help='append the Markdown table to FILE too (e.g. "$GITHUB_STEP_SUMMARY")',
+    )
     compare.set_defaults(func=_cmd_compare)
 
     commands.add_parser(
@@ -229,7 +265,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     """The table of the readable results; each unreadable file named on its own error line
-    (exit code 1 if there is any)."""
+    (exit code 1 if there is any). With ``--fail-on-regression``, the gate instead."""
+    if args.fail_on_regression:
+        return _cmd_gate(args)
+    if args.tolerance or args.two_sided or args.summary:
+        raise _UsageError("--tolerance, --two-sided and --summary need --fail-on-regression")
     bad: list[str] = []
     table = load_results(args.dirs, bad_files=bad)
     if table.empty and not bad:
@@ -247,6 +287,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for problem in bad:
         _error(problem)
     return 1 if bad else 0
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    """``compare BASELINE CANDIDATE --fail-on-regression``: exit code 1 on a failed check."""
+    if len(args.dirs) != 2:
+        raise _UsageError(
+            f"--fail-on-regression compares two result folders, BASELINE CANDIDATE; got "
+            f"{len(args.dirs)}"
+        )
+    chosen = gate.tolerances(args.tolerance)
+    checks = gate.gate(*map(gate.read_table, args.dirs), chosen, two_sided=args.two_sided)
+    if not checks:
+        raise EvalInputError("nothing to gate: every tolerance is off")
+    report = gate.markdown(checks)
+    print(report, end="")
+    if args.summary:
+        with Path(args.summary).expanduser().open("a") as summary:
+            summary.write(report + "\n")
+    return 1 if any(check.failed for check in checks) else 0
 
 
 def _format(table: pd.DataFrame) -> str:
