@@ -19,38 +19,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from csae_plugin.evals import gate
+
 sys.path.insert(0, str(Path(__file__).parent))
 import sweep  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "results" / "reference_ci.json"
-METRICS = (
-    "l0",
-    "explained_variance",
-    "ce_loss_score",
-    "kl_div_score",
-    "nces_geomean",
-    "frac_verified",
-)
-TOLERANCES = {
-    "l0": ("relative", 0.02),
-    "explained_variance": ("absolute", 0.01),
-    "ce_loss_score": ("absolute", 0.01),
-    "kl_div_score": ("absolute", 0.01),
-    "nces_geomean": ("relative", 0.15),
-    "frac_verified": ("absolute", 0.15),
-}
-"""What is left after reproducibility. On one machine two runs are bit-identical (same seed: SAE
-weights and result JSON, ``evals/results/reproducibility_gemma-3-270m.json``;
-``tests/test_reproducible.py``), whether the sweep runs as a script or under pytest
-(``tests/test_data.py``: the embedded corpus once differed under pytest, which replaces
-``sys.unraisablehook``, and CI's sweep trained on other rows, 0.03 from the reference). Another
-CPU changes floating-point reduction order, which the causal SAE's training carries on:
-``evals/ci_spread.py`` reran this sweep as two other CPUs would (AVX2 kernels + MKL's AVX2 path
-+ 1 thread; no-SIMD kernels + MKL's SSE4.2 path + 2 threads; ``evals/results/ci_spread_cpu.json``)
-against the AVX-512 reference: TopK moved < 1e-5 everywhere; the causal SAE's explained
-variance, CE-loss and KL-div scores < 4e-4, its NCES geomean 3.4% and its frac_verified one
-latent of 23 (0.043). The tolerances are 25x the largest movement of the scores, 4x NCES's and
-three latents for frac_verified (the unmeasured rest: another CPU vendor's MKL kernels)."""
+TOLERANCES = gate.DEFAULT_TOLERANCES
+"""The tolerances of ``sae_bench compare --fail-on-regression`` (``csae_plugin.evals.gate``,
+which says what they are sized from), applied two-sided: a rerun must reproduce the reference,
+so a metric that moves beyond them either way is a regression."""
+METRICS = tuple(TOLERANCES)
 ADVANTAGE_DROP = 0.15
 """How much causal frac_verified minus TopK frac_verified may fall below the reference's."""
 
@@ -61,21 +40,16 @@ def advantage(table: pd.DataFrame) -> float:
 
 
 def compare(table: pd.DataFrame, reference: dict) -> list[str]:
-    """Regressions of ``table`` against ``reference`` (empty when everything is within tolerance)."""
-    problems = []
-    ref_rows = reference["table"]
-    for name, row in ref_rows.items():
-        if name not in table.index:
-            problems.append(f"{name}: missing from this run")
-            continue
-        for metric in METRICS:
-            kind, tol = TOLERANCES[metric]
-            ref, now = row[metric], float(table.loc[name, metric])
-            limit = tol * abs(ref) if kind == "relative" else tol
-            if not abs(now - ref) <= limit:
-                problems.append(
-                    f"{name}.{metric}: {now:.4g} vs reference {ref:.4g} (tolerance {limit:.3g})"
-                )
+    """Regressions of ``table`` against ``reference`` (empty when everything is within tolerance):
+    the CI gate's failed checks, two-sided, and the causal advantage's drop."""
+    baseline = pd.DataFrame.from_dict(reference["table"], orient="index")
+    checks = gate.gate(baseline, table, TOLERANCES, two_sided=True)
+    problems = [
+        f"{c.sae}.{c.metric}: {c.candidate} vs reference {c.baseline} ({c.result}, tolerance "
+        f"{c.tolerance})"
+        for c in checks
+        if c.failed
+    ]
     if not {"causal", "topk"} <= set(table["architecture"]):
         return [*problems, "causal advantage: this run lacks the causal or the topk SAE"]
     ref_adv, now_adv = reference["causal_advantage"], advantage(table)
@@ -108,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": meta["machine"],
             "settings": meta["settings"],
             "minutes": meta["minutes"],
-            "tolerances": {k: list(v) for k, v in TOLERANCES.items()},
+            "tolerances": {k: [v.kind, v.value] for k, v in TOLERANCES.items()},
             "advantage_drop": ADVANTAGE_DROP,
             "causal_advantage": advantage(table),
             "table": {

@@ -72,17 +72,24 @@ def compute(args: argparse.Namespace, out: Path) -> None:
     # the Fisher metric from rows neither the reference statistics nor the scoring read
     fisher_rows = splits.train[args.n_reference_sequences :]
     fisher = reference_fisher(model, HOOK, fisher_rows)
-    dictionaries = {kind: None for kind in (*RANDOM, "planted_fisher")}
-    dictionaries |= {Path(p).name: p for p in args.sae}
-    for name, folder in dictionaries.items():
+    # (name, reference kind or SAE folder, encoder, nulls): the two main random shapes with
+    # tied encoders and the planted control under both nulls, random dictionaries of five
+    # shapes whose firing is independent of their directions (the exactly null-like ones)
+    # under the default null only, then the trained SAEs under both nulls
+    entries = [(kind, kind, "tied", NULLS) for kind in (*RANDOM[:2], "planted_fisher")]
+    entries += [(f"{kind}_independent", kind, "independent", NULLS[:1]) for kind in RANDOM]
+    entries += [(Path(p).name, p, "tied", NULLS) for p in args.sae]
+    for name, source, encoder, nulls in entries:
         path = out / "effects" / f"{name}.npz"
         if path.exists():
             continue
-        if folder is None:
-            width = args.d_sae if name.startswith("random") else args.latents
-            sae = reference_sae(name, acts, HOOK, d_sae=width, seed=args.seed + 1, fisher=fisher)
+        if Path(source).is_dir():
+            sae = load_sae_from_folder(source)
         else:
-            sae = load_sae_from_folder(folder)
+            width = args.d_sae if source.startswith("random") else args.latents
+            sae = reference_sae(
+                source, acts, HOOK, d_sae=width, seed=args.seed + 1, fisher=fisher, encoder=encoder
+            )
         rng = np.random.default_rng(args.seed)
         latents = np.sort(rng.choice(sae.cfg.d_sae, args.latents, replace=False))
         started = time.perf_counter()
@@ -96,7 +103,7 @@ def compute(args: argparse.Namespace, out: Path) -> None:
             null_draws=args.null_draws,
             seqs_per_latent=args.seqs_per_latent,
             seed=args.seed,
-            null=NULLS,
+            null=nulls,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(
@@ -104,6 +111,7 @@ def compute(args: argparse.Namespace, out: Path) -> None:
             latents=effects.latents,
             effect=effects.effect,
             null_effects=effects.null_effects,
+            nulls=np.array(nulls),
             seconds=time.perf_counter() - started,
         )
         print(f"[nces_definition] {name}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -111,7 +119,8 @@ def compute(args: argparse.Namespace, out: Path) -> None:
 
 def analyse(name: str, data: dict[str, np.ndarray]) -> list[dict[str, object]]:
     rows = []
-    for n, null in enumerate(NULLS):
+    nulls = [str(n) for n in data.get("nulls", NULLS)]
+    for n, null in enumerate(nulls):
         null_effects = data["null_effects"][:, :, n]
         for definition in ("0.3.0", "0.2.0"):
             details = nces_details(
@@ -139,39 +148,62 @@ def analyse(name: str, data: dict[str, np.ndarray]) -> list[dict[str, object]]:
 
 
 def power(effect: np.ndarray, null: np.ndarray) -> dict[str, float]:
-    """Variance components of the log scores and the smallest ratio these settings verify.
+    """Variance components of the log effects and the smallest ratio the settings verify.
 
-    ``null_direction_var``: mean over latents of the variance of L_k over the K null
-    directions (what the direction test compares against). ``latent_excess_var``: variance
-    over latents of L_0 - mean L_k beyond what that spread explains (how much latents differ
-    in their true effect). ``min_verified_ratio``: the NCES at which the prediction t-test
-    reaches 80% power at p = FDR x 0.1 (BH with a tenth of the latents real, K draws).
+    Per latent, the log null effects [S, K] are a direction term a_k + a sequence term b_s +
+    noise e_sk (two-way decomposition). ``direction_var`` (sigma_a^2) is what random
+    directions differ by however many sequences are read; ``noise_var`` (sigma_e^2) averages
+    out over S sequences; ``null_direction_var`` = the variance of L_k over the K null
+    directions at these settings (~ sigma_a^2 + sigma_e^2 / S), what the test compares with.
+    ``min_verified_ratio``: the NCES at which the prediction t-test has 80% power at
+    p = FDR x 0.1 (BH with a tenth of the latents real) with these S and K; ``..._16x8`` at
+    the eval's defaults; ``..._limit``: with unlimited sequences and draws (sigma_a alone).
+    ``latent_excess_var``: variance over latents of log NCES beyond that noise.
     """
     scores = log_scores(effect, null)
     live = ~np.isnan(scores[:, 0])
-    scores = scores[live]
-    if len(scores) < 3:
+    if live.sum() < 3:
         return {}
-    k = scores.shape[1] - 1
+    k = null.shape[-1]
+    direction_var, noise_var = [], []
+    for i in np.flatnonzero(live):
+        keep = ~np.isnan(effect[i])
+        logs = np.log(null[i, keep] + 1e-12)  # [S, K]
+        s = len(logs)
+        if s < 2:
+            continue
+        resid = logs - logs.mean(0, keepdims=True) - logs.mean(1, keepdims=True) + logs.mean()
+        e_var = (resid**2).sum() / ((s - 1) * (k - 1))
+        noise_var.append(e_var)
+        direction_var.append(max(logs.mean(0).var(ddof=1) - e_var / s, 0.0))
+    scores = scores[live]
     null_var = float(scores[:, 1:].var(axis=1, ddof=1).mean())
     diffs = scores[:, 0] - scores[:, 1:].mean(axis=1)
-    excess = float(diffs.var(ddof=1) - null_var * (1 + 1 / k))
-    sd = np.sqrt(null_var * (1 + 1 / k))
     z = stats.norm.isf(FDR * 0.1) + stats.norm.isf(0.2)
+    s_now = float(np.nanmean((~np.isnan(effect[live])).sum(1)))
+    sigma_a, sigma_e = float(np.mean(direction_var)), float(np.mean(noise_var))
+
+    def ratio(seqs: float, draws: float) -> float:
+        return float(np.exp(z * np.sqrt((sigma_a + sigma_e / seqs) * (1 + 1 / draws))))
+
     return {
         "null_direction_var": null_var,
-        "latent_excess_var": excess,
-        "min_verified_ratio": float(np.exp(z * sd)),
+        "direction_var": sigma_a,
+        "noise_var": sigma_e,
+        "latent_excess_var": float(diffs.var(ddof=1) - null_var * (1 + 1 / k)),
+        "min_verified_ratio": ratio(s_now, k),
+        "min_verified_ratio_16x8": ratio(16, 8),
+        "min_verified_ratio_limit": float(np.exp(z * np.sqrt(sigma_a))),
     }
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
     head = (
         "| dictionary | null | definition | live | geomean [CI] | rank [CI] | p<0.05 | verified "
-        "| beats null | null-direction var | smallest verified ratio |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| beats null | direction var | noise var | smallest verified ratio (these, 16x8, limit) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    lines = []
+    lines, nan = [], float("nan")
     for r in rows:
         gl, gh = r["geomean_ci"]
         rl, rh = r["rank_ci"]
@@ -179,8 +211,10 @@ def markdown(rows: list[dict[str, object]]) -> str:
             f"| {r['dictionary']} | {r['null']} | {r['definition']} | {r['n_live']} "
             f"| {r['geomean']:.3f} [{gl:.3f}, {gh:.3f}] | {r['rank']:.3f} [{rl:.3f}, {rh:.3f}] "
             f"| {r['frac_p_below_0.05']:.3f} | {r['frac_verified']:.3f} "
-            f"| {r['frac_beats_null']:.3f} | {r.get('null_direction_var', float('nan')):.3f} "
-            f"| {r.get('min_verified_ratio', float('nan')):.2f} |"
+            f"| {r['frac_beats_null']:.3f} | {r.get('direction_var', nan):.3f} "
+            f"| {r.get('noise_var', nan):.3f} | {r.get('min_verified_ratio', nan):.2f}, "
+            f"{r.get('min_verified_ratio_16x8', nan):.2f}, "
+            f"{r.get('min_verified_ratio_limit', nan):.2f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -194,7 +228,8 @@ def main() -> None:
     for path in sorted((out / "effects").glob("*.npz")):
         rows += analyse(path.stem, dict(np.load(path)))
     summary = {
-        "produced_by": "python evals/nces_definition.py " + " ".join(f"--sae {s}" for s in args.sae),
+        "produced_by": "python evals/nces_definition.py "
+        + " ".join(f"--sae {s}" for s in args.sae),
         "settings": {k: v for k, v in vars(args).items() if k != "analyse_only"},
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "rows": rows,

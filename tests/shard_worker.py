@@ -2,6 +2,7 @@
 
     python tests/shard_worker.py OUT_DIR                          # one process
     python -m torch.distributed.run --nproc-per-node 2 tests/shard_worker.py OUT_DIR
+    python tests/shard_worker.py OUT_DIR --gemma --threads 2      # the embedded model
 
 Writes its pid to OUT_DIR/pid_rank<r> first, so a test can kill one rank.
 """
@@ -22,12 +23,14 @@ from csae_plugin.evals.nces import shards
 from csae_plugin.evals.nces.eval_config import NCESEvalConfig
 
 
-def main(out: Path) -> None:
+def main(out: Path, gemma: bool = False, threads: int = 1) -> None:
     shards.init_from_env("cpu")
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     rank, _ = shards.rank_and_world()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"pid_rank{rank}").write_text(str(os.getpid()))
+    if gemma:
+        return run_gemma(out)
     torch.manual_seed(0)
     hook = "blocks.0.hook_resid_post"
     sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name=hook)))
@@ -53,5 +56,41 @@ def main(out: Path) -> None:
     )
 
 
+def run_gemma(out: Path) -> None:
+    """8 latents of a random covariance-shaped dictionary on the embedded model, 2 chunks."""
+    from csae_plugin.data import corpus_splits
+    from csae_plugin.evals.reference_saes import hook_activations, reference_sae
+    from csae_plugin.models import load_model
+
+    hook = "blocks.6.hook_resid_post"
+    model = load_model("gemma-3-270m")
+    splits = corpus_splits(model.tokenizer, 32, seed=0)
+    acts = hook_activations(model, hook, splits.train[:32])
+    sae = reference_sae("random_covariance", acts, hook, d_sae=64, seed=1, firing_rate=0.05)
+    config = NCESEvalConfig(
+        context_size=32,
+        latents=8,
+        latents_per_chunk=4,
+        null_draws=4,
+        seqs_per_latent=4,
+        n_bootstrap=50,
+    )
+    nces_main.evaluate_and_save(
+        config,
+        model,
+        sae,
+        "gemma",
+        "sharded",
+        out / "results",
+        splits.eval[:24],
+        splits.train[:24],
+        progress=False,
+    )
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(
+        Path(sys.argv[1]),
+        gemma="--gemma" in sys.argv,
+        threads=int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1,
+    )

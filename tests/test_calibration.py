@@ -1,15 +1,14 @@
-"""NCES must be able to fail: random dictionaries on the real Gemma 3 270M are not verified.
+"""NCES must be able to fail and to succeed, on the real Gemma 3 270M (docs/nces.md, "Calibration").
 
-A dictionary of random directions carries no more causal structure than the null's random
-directions, so under the default (matched) null about the FDR level of its latents is
-verified and its per-SAE geometric-mean NCES is not above 1. It is somewhat *below* 1 for
-covariance-shaped and mixed dictionaries (measured here: 0.72 [0.63, 0.84] and 0.73 [0.66,
-0.87]; random isotropic 0.98 [0.80, 1.15]; the 24-latent study: 0.74-0.91): a latent's one
-effect over the arithmetic mean of K skewed null effects has a log-ratio that averages below
-0. So the CI must reach down to 1 or below, and the geometric mean stay above
-:data:`MIN_GEOMEAN`, which bounds that known bias (a broken null, e.g. one whose effects
-dwarf the latents', fails it). The same run under the old covariance null shows the test has
-the power to fail: it rewards the random isotropic dictionary.
+(a) Random dictionaries whose decoder directions are distributed like their own null draws
+(random within the spectral bands, firing independently of the direction: the encoder reads
+another random direction) carry no causal structure the null lacks: the per-SAE geometric mean
+must cover 1, the rank score 0.5, and at most the FDR level of latents may be verified.
+(b) The planted dictionary, the top eigen-directions of the hook's Fisher metric, does move the
+output more than its nulls: at the eval's default settings (16 sequences, 8 null draws per
+latent) at least 80% of its latents must be verified.
+The same run under the covariance null shows (a) has the power to fail: that null rewards the
+random isotropic dictionary.
 Slow: loads the embedded model (cached after the first load).
 """
 
@@ -18,20 +17,20 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from csae_plugin.data import corpus_splits
 from csae_plugin.evals.nces import main as nces_main
 from csae_plugin.evals.nces.eval_config import NCESEvalConfig
-from csae_plugin.evals.reference_saes import hook_activations, reference_sae
+from csae_plugin.evals.reference_saes import hook_activations, reference_fisher, reference_sae
 from csae_plugin.models import load_model
 
 HOOK = "blocks.6.hook_resid_post"
 LATENTS = 12
-MAX_FALSE_VERIFIED = 2 / LATENTS
-"""At FDR 0.05 over 12 null latents, 0 is expected; 2 allows for test noise, 3+ is a failure."""
-MIN_GEOMEAN = 0.6
-"""The known downward bias of null-like dictionaries' geometric mean, with room (lowest
-measured: 0.72 here, 0.74 in the study)."""
+MAX_FALSE_VERIFIED = 1 / LATENTS
+"""At FDR 0.05 over 12 null latents, 0 is expected; 1 allows for test noise, 2+ is a failure."""
+PLANTED = 10
+MIN_PLANTED_VERIFIED = 0.8
 
 
 @functools.cache
@@ -39,18 +38,30 @@ def gemma_setup():
     model = load_model("gemma-3-270m")
     splits = corpus_splits(model.tokenizer, 48, seed=0)
     acts = hook_activations(model, HOOK, splits.train[:64])
-    return model, splits.eval[:16], splits.train[:16], acts
+    fisher = reference_fisher(model, HOOK, splits.train[64:80])
+    return model, splits.eval[:32], splits.train[:32], acts, fisher
 
 
 @functools.cache
-def scored(kind: str):
-    model, eval_tokens, reference_tokens, acts = gemma_setup()
-    sae = reference_sae(kind, acts, HOOK, d_sae=256, seed=1, firing_rate=0.05)
+def scored(kind: str, null: str = "matched") -> dict[str, dict[str, float]]:
+    model, eval_tokens, reference_tokens, acts, fisher = gemma_setup()
+    planted = kind == "planted_fisher"
+    sae = reference_sae(
+        kind,
+        acts,
+        HOOK,
+        d_sae=PLANTED if planted else 256,
+        seed=1,
+        firing_rate=0.05,
+        fisher=fisher,
+        encoder="tied" if planted else "independent",
+    )
+    defaults = NCESEvalConfig()
     config = NCESEvalConfig(
-        latents=LATENTS,
-        seqs_per_latent=2,
-        null_draws=4,
-        null="matched,covariance",
+        latents=PLANTED if planted else LATENTS,
+        seqs_per_latent=defaults.seqs_per_latent if planted else 4,
+        null_draws=defaults.null_draws,
+        null=null,
         n_bootstrap=500,
         random_seed=0,
     )
@@ -61,21 +72,41 @@ def scored(kind: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["random_isotropic", "random_covariance", "random_mixture"])
-def test_random_dictionaries_are_not_verified_and_not_above_one_under_the_default_null(kind):
-    metrics = scored(kind)["matched"]
+@pytest.mark.parametrize(
+    "kind", ["random_isotropic", "random_covariance", "random_mixture", "random_sqrt_covariance"]
+)
+def test_null_like_random_dictionaries_score_at_the_null_value_and_are_not_verified(kind):
+    metrics = scored(kind, "matched,covariance" if kind == "random_isotropic" else "matched")
+    metrics = metrics["matched"]
     assert metrics["n_latents_evaluated"] == LATENTS
     assert metrics["frac_dead"] < 0.5, "the reference SAE's latents must fire to be tested"
     low, high = metrics["nces_geomean_ci_low"], metrics["nces_geomean_ci_high"]
-    assert low <= 1.0, f"{kind}: geometric-mean NCES CI [{low:.3f}, {high:.3f}] lies above 1"
-    geomean = metrics["nces_geomean"]
-    assert geomean >= MIN_GEOMEAN, f"{kind}: geometric-mean NCES {geomean:.3f}, far below 1"
+    assert low <= 1.0 <= high, f"{kind}: geometric-mean NCES CI [{low:.3f}, {high:.3f}]"
+    low, high = metrics["nces_rank_ci_low"], metrics["nces_rank_ci_high"]
+    assert low <= 0.5 <= high, f"{kind}: rank CI [{low:.3f}, {high:.3f}]"
     assert metrics["frac_verified"] <= MAX_FALSE_VERIFIED, metrics["frac_verified"]
 
 
 @pytest.mark.slow
+def test_the_planted_fisher_directions_are_verified_at_the_default_settings():
+    metrics = scored("planted_fisher")["matched"]
+    assert metrics["frac_dead"] == 0
+    assert metrics["frac_verified"] >= MIN_PLANTED_VERIFIED, metrics
+    assert metrics["nces_geomean_ci_low"] > 1.5
+    assert metrics["frac_beats_null_ci_low"] > 0.5
+
+
+@pytest.mark.slow
 def test_the_covariance_null_rewards_random_isotropic_directions():
-    """The failure the matched null fixes, reproduced: the test above can fail."""
-    metrics = scored("random_isotropic")["covariance"]
+    """The failure the matched null fixes, reproduced: the calibration test above can fail."""
+    metrics = scored("random_isotropic", "matched,covariance")["covariance"]
     assert metrics["nces_geomean_ci_low"] > 1.5
     assert metrics["frac_verified"] > 0.5
+
+
+def test_an_independent_encoder_is_for_random_dictionaries_only():
+    acts = torch.randn(200, 8)
+    with pytest.raises(ValueError, match="independent encoder is for random"):
+        reference_sae("pca", acts, HOOK, encoder="independent")
+    sae = reference_sae("random_isotropic", acts, HOOK, d_sae=4, encoder="independent")
+    assert not torch.allclose(sae.W_enc.T, sae.W_dec)

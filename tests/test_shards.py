@@ -20,14 +20,14 @@ WORKER = Path(__file__).with_name("shard_worker.py")
 RESULT = "results/tiny_sharded_eval_results.json"
 
 
-def launch(out: Path, processes: int) -> subprocess.Popen:
+def launch(out: Path, processes: int, *options: str) -> subprocess.Popen:
     """The worker in one plain process, or in ``processes`` gloo processes under torchrun."""
     command = [sys.executable]
     if processes > 1:
         command += ["-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
         command += [f"--master-port={29500 + os.getpid() % 1000}"]
     return subprocess.Popen(
-        [*command, str(WORKER), str(out)],
+        [*command, str(WORKER), str(out), *options],
         cwd=WORKER.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -133,3 +133,23 @@ def test_fingerprint_changes_with_any_input():
     assert key != shards.fingerprint(state | {"threshold": torch.full((3,), 1e-12).double()})
     assert key != shards.fingerprint(state | {"threshold": torch.zeros(3)})
     assert key != shards.fingerprint(state | {"extra": torch.tensor(0.0)})
+
+
+@pytest.mark.slow
+def test_thread_count_and_processes_do_not_move_nces_on_the_embedded_model(tmp_path):
+    """1 thread, 2 threads, and 2 gloo processes of 1 thread give the same per-latent NCES
+    (to 1e-3 relative): the matched null's draws do not depend on rounding."""
+    runs = {}
+    for name, processes, threads in (("one", 1, "1"), ("two_threads", 1, "2"), ("gloo", 2, "1")):
+        out = tmp_path / name
+        finish(launch(out, processes, "--gemma", "--threads", threads))
+        details = json.loads((out / "results/gemma_sharded_eval_results.json").read_text())
+        runs[name] = {d["latent"]: d["nces"] for d in details["eval_result_details"]}
+    reference = runs.pop("one")
+    live = [latent for latent, value in reference.items() if value is not None]
+    assert len(live) >= 6
+    for name, run in runs.items():
+        assert run.keys() == reference.keys(), name
+        np.testing.assert_allclose(
+            [run[k] for k in live], [reference[k] for k in live], rtol=1e-3, err_msg=name
+        )

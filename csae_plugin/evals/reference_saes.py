@@ -51,6 +51,9 @@ RANDOM_SHAPES = ("random_sqrt_covariance", "random_sparse")
 SPARSE_COORDINATES = 8
 """Non-zero basis coordinates of each ``random_sparse`` direction."""
 
+INDEPENDENT_SEED_OFFSET = 1_000_003
+"""Seed offset of an independent encoder's random directions (never the decoder's seed)."""
+
 FISHER_SEQUENCES = 16
 """Token rows :func:`save_reference_saes` estimates the hook's Fisher metric on."""
 
@@ -156,22 +159,38 @@ def reference_sae(
     seed: int = 0,
     model_name: str | None = None,
     fisher: torch.Tensor | None = None,
+    encoder: str = "tied",
 ) -> JumpReLUSAE:
     """Reference dictionary ``kind`` (:data:`REFERENCE_KINDS`, :data:`RANDOM_SHAPES`) on
     activations ``acts`` [N, d_in] (``fisher``: the hook's Fisher metric, for
-    ``planted_fisher``)."""
+    ``planted_fisher``).
+
+    ``encoder="tied"``: latent i reads its own decoder direction. ``"independent"`` (random
+    kinds only): it reads another random direction of the same shape, so where and how much it
+    fires tells nothing about its decoder direction, which is then distributed exactly like its
+    own null draws given the positions and sizes the null holds fixed: the dictionary NCES must
+    score at its null value. (A tied random latent fires where the activations are extreme
+    along its direction, and zero-ablating that component is not a random kick.)
+    """
     if not 0 < firing_rate < 1:
         raise ValueError(f"firing_rate must be in (0, 1), got {firing_rate}")
+    if encoder not in ("tied", "independent"):
+        raise ValueError(f"encoder must be 'tied' or 'independent', not {encoder!r}")
+    if encoder == "independent" and not kind.startswith("random"):
+        raise ValueError(f"an independent encoder is for random dictionaries, not {kind!r}")
     dirs = reference_directions(kind, acts, d_sae, seed, fisher)
+    reads = dirs
+    if encoder == "independent":
+        reads = reference_directions(kind, acts, d_sae, seed + INDEPENDENT_SEED_OFFSET, fisher)
     mean = acts.mean(0)
-    projections = (acts - mean) @ dirs.T
+    projections = (acts - mean) @ reads.T
     threshold = torch.quantile(projections, 1 - firing_rate, dim=0).clamp(min=0)
     meta = SAEMetadata(hook_name=hook_name, model_name=model_name, sae_id=f"reference_{kind}")
     cfg = JumpReLUSAEConfig(d_in=acts.shape[1], d_sae=dirs.shape[0], metadata=meta)
     sae = JumpReLUSAE(cfg)
     with torch.no_grad():
         sae.W_dec.copy_(dirs)
-        sae.W_enc.copy_(dirs.T)
+        sae.W_enc.copy_(reads.T)
         sae.b_dec.copy_(mean)
         sae.b_enc.zero_()
         sae.threshold.copy_(threshold)
