@@ -30,6 +30,7 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
     table = pd.read_csv(tmp_path / "comparison.csv", index_col="sae")
     references = [f"reference_{k}" for k in ("random-isotropic", "random-covariance")]
     references += ["reference_random-mixture", "reference_pca", "reference_identity"]
+    references += ["reference_planted-fisher"]
     assert sorted(table.index) == sorted(["causal_64_k4", "topk_64_k4", *references])
     assert (table.loc[["causal_64_k4", "topk_64_k4"], "n_scored"] == 4).all()
     assert (table.loc[references, "n_scored"] == 3).all()

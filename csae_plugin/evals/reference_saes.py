@@ -207,11 +207,15 @@ def save_reference_saes(
     kinds: tuple[str, ...] = REFERENCE_KINDS,
     seed: int = 0,
     bos_token_id: int | None = None,
+    random_encoder: str = "independent",
 ) -> list[Path]:
     """Build each reference dictionary of ``kinds`` on ``tokens`` and save it (SAELens layout)
     as ``<folder>/reference_<kind>`` unless already saved; the folders, in ``kinds``' order.
 
-    Random dictionaries get ``d_sae`` latents (default d_in); PCA and identity have d_in.
+    Random dictionaries get ``d_sae`` latents (default d_in) and ``random_encoder``
+    (:func:`reference_sae`; ``independent`` by default, so they show what NCES gives a
+    dictionary with no causal structure beyond its null's); PCA, identity and planted have at
+    most d_in.
     """
     root = Path(folder)
     folders = [root / f"reference_{kind.replace('_', '-')}" for kind in kinds]
@@ -227,7 +231,14 @@ def save_reference_saes(
         if kind == "planted_fisher" and d_sae is not None:
             width = min(d_sae, acts.shape[1])
         sae = reference_sae(
-            kind, acts, hook_name, d_sae=width, seed=seed, model_name=name, fisher=fisher
+            kind,
+            acts,
+            hook_name,
+            d_sae=width,
+            seed=seed,
+            model_name=name,
+            fisher=fisher,
+            encoder=random_encoder if kind.startswith("random") else "tied",
         )
         sae.save_model(target)
     return folders
