@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         "context_size": args.eval_context,
     }
 
+    reference_rows = splits.train[: args.n_eval_sequences, : args.eval_context]
+
     def score(evals: list[str], saes: list[Path], latents: int) -> None:
         evaluate_saes(
             evals=evals,
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             model=model,
             # core and nces read the same held-out rows, cut to --eval-context tokens
             eval_tokens=splits.eval[: args.n_eval_sequences, : args.eval_context],
-            reference_tokens=splits.train[: args.n_eval_sequences, : args.eval_context],
+            reference_tokens=reference_rows,
             output_dir=out / "eval_results",
             device=args.device,
             nces_overrides=nces | {"latents": latents},
@@ -199,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_latents > 0:
         from csae_plugin.evals.reference_saes import save_reference_saes
 
-        print("[demo] reference dictionaries: random, PCA, identity", flush=True)
+        print("[demo] reference dictionaries: random, PCA, identity, planted", flush=True)
+        # built on the rows whose covariance the null is drawn from, so the random
+        # dictionaries' directions are drawn like their own null directions
         references = save_reference_saes(
             model,
             args.hook,
-            splits.train[:128, : args.eval_context],
+            reference_rows,
             out / "saes",
             d_sae=args.d_sae,
             seed=args.seed,

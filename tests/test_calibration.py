@@ -37,9 +37,14 @@ MIN_PLANTED_VERIFIED = 0.8
 def gemma_setup():
     model = load_model("gemma-3-270m")
     splits = corpus_splits(model.tokenizer, 48, seed=0)
-    acts = hook_activations(model, HOOK, splits.train[:64])
+    # the random directions are drawn from the covariance of the same reference rows the
+    # null's covariance is estimated on: drawn from another estimate (other rows), their
+    # coordinates in the null's eigenbasis are correlated and sign flips are no longer
+    # exchangeable with them (measured: covariance-shaped ones then score ~0.7)
+    reference = splits.train[:32]
+    acts = hook_activations(model, HOOK, reference)
     fisher = reference_fisher(model, HOOK, splits.train[64:80])
-    return model, splits.eval[:32], splits.train[:32], acts, fisher
+    return model, splits.eval[:32], reference, acts, fisher
 
 
 @functools.cache
