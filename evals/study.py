@@ -207,7 +207,14 @@ def tables(out: Path) -> str:
         for i in table.index
     ]
     table["n_live"] = [nulls.loc[i, "n_live"] if i in nulls.index else None for i in table.index]
-    cols = ["architecture", "seed", "l0", "explained_variance", "kl_div_score", "ce_loss_score"]
+    cols = [
+        "architecture",
+        "seed",
+        "l0",
+        "explained_variance_centered",
+        "kl_div_score",
+        "ce_loss_score",
+    ]
     cols += ["nces_geomean", "nces_geomean_ci_low", "nces_geomean_ci_high", "frac_verified"]
     cols += ["n_live", "mean_effect_kl", "frac_dead", "train_seconds"]
     cols = [c for c in cols if c in table.columns]

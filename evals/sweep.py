@@ -327,7 +327,14 @@ def run(
     return table
 
 
-SUMMARY = ["architecture", "k", "l0", "explained_variance", "kl_div_score", "ce_loss_score"]
+SUMMARY = [
+    "architecture",
+    "k",
+    "l0",
+    "explained_variance_centered",
+    "kl_div_score",
+    "ce_loss_score",
+]
 SUMMARY += ["nces_geomean", "nces_geomean_ci_low", "nces_geomean_ci_high", "frac_verified"]
 SUMMARY += ["mean_effect_kl", "frac_dead", "train_seconds"]
 SUMMARY += [

@@ -1,6 +1,6 @@
 """Causal interventions on single SAE latents, and their effect on the model's output.
 
-The engine behind NCES (``shared/design/nces.md``). For each evaluated latent it takes the
+The engine behind NCES (``docs/nces.md``). For each evaluated latent it takes the
 sequences in which the latent fires, changes only that latent (``zero``, ``mean``, ``resample``
 or ``steer``) with the SAE's error term kept, and measures KL(p_clean || p_intervened) over the
 positions from the first intervened one on. The null applies perturbations of the same size at

@@ -1,5 +1,5 @@
 """The "causal" training architecture: SAELens's TopK, BatchTopK or standard SAE plus two terms
-that need the language model (see ``shared/design/csae.md``):
+that need the language model (the README, "The causal SAE's loss"):
 
 3. downstream faithfulness, ``lambda_kl * KL(p_clean || p_spliced)`` every ``kl_every`` steps;
 4. causal verification every ``verify_every`` steps (NCES on held-out sequences), after which

@@ -1,4 +1,4 @@
-"""Causal verification during training (term 4 of ``shared/design/csae.md``).
+"""Causal verification during training (term 4 of the causal loss, ``csae_plugin.saes.causal``).
 
 Every ``verify_every`` steps the causal SAE asks :func:`verify_and_act` to score a rotating
 subset of its latents with the batched NCES engine on held-out sequences, then act on the

@@ -2,5 +2,5 @@
 
 Run it from Python with ``main.run_eval`` (SAEBench's contract) or ``main.evaluate_sae`` (one SAE,
 no files), or from the shell with ``sae_bench run --eval nces``. The metric's definition is in
-``shared/design/nces.md``; its maths in ``csae_plugin.causal.nces`` and ``csae_plugin.causal``.
+``docs/nces.md``; its maths in ``csae_plugin.causal.nces`` and ``csae_plugin.causal``.
 """
