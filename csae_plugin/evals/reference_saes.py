@@ -54,6 +54,11 @@ SPARSE_COORDINATES = 8
 INDEPENDENT_SEED_OFFSET = 1_000_003
 """Seed offset of an independent encoder's random directions (never the decoder's seed)."""
 
+PLANTED_LATENTS = 16
+"""Latents of the planted dictionary :func:`save_reference_saes` builds: the top 16 Fisher
+directions (further down the spectrum the output is less sensitive, and at the bottom less than
+to random directions: those would not be a positive control)."""
+
 FISHER_SEQUENCES = 16
 """Token rows :func:`save_reference_saes` estimates the hook's Fisher metric on."""
 
@@ -214,8 +219,8 @@ def save_reference_saes(
 
     Random dictionaries get ``d_sae`` latents (default d_in) and ``random_encoder``
     (:func:`reference_sae`; ``independent`` by default, so they show what NCES gives a
-    dictionary with no causal structure beyond its null's); PCA, identity and planted have at
-    most d_in.
+    dictionary with no causal structure beyond its null's); PCA and identity have d_in, the
+    planted one :data:`PLANTED_LATENTS`.
     """
     root = Path(folder)
     folders = [root / f"reference_{kind.replace('_', '-')}" for kind in kinds]
@@ -228,8 +233,8 @@ def save_reference_saes(
         fisher = reference_fisher(model, hook_name, tokens, bos_token_id=bos_token_id)
     for kind, target in zip(kinds, folders, strict=True):
         width = d_sae if kind.startswith("random") else None
-        if kind == "planted_fisher" and d_sae is not None:
-            width = min(d_sae, acts.shape[1])
+        if kind == "planted_fisher":  # the top directions only: the rest are not planted
+            width = min(PLANTED_LATENTS, acts.shape[1])
         sae = reference_sae(
             kind,
             acts,
