@@ -29,7 +29,7 @@ import torch
 from scipy import stats
 
 from csae_plugin.causal import latent_effects, reference_stats
-from csae_plugin.causal.nces import log_scores, nces_details, nces_metrics
+from csae_plugin.causal.nces import LOG_RATIO_FLOOR, log_scores, nces_details, nces_metrics
 from csae_plugin.data import corpus_splits
 from csae_plugin.evals.reference_saes import (
     RANDOM_SHAPES,
@@ -168,7 +168,7 @@ def power(effect: np.ndarray, null: np.ndarray) -> dict[str, float]:
     direction_var, noise_var = [], []
     for i in np.flatnonzero(live):
         keep = ~np.isnan(effect[i])
-        logs = np.log(null[i, keep] + 1e-12)  # [S, K]
+        logs = np.log(null[i, keep] + LOG_RATIO_FLOOR)  # [S, K]
         s = len(logs)
         if s < 2:
             continue

@@ -27,6 +27,7 @@ Pure array code (numpy, scipy, pandas); the effects come from
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -259,11 +260,6 @@ def prediction_p_values(scores: np.ndarray) -> np.ndarray:
     return p
 
 
-def direction_p_values(effect: np.ndarray, null: np.ndarray) -> np.ndarray:
-    """p-values of the direction test on the 0.3.0 scores (:func:`log_scores`)."""
-    return prediction_p_values(log_scores(effect, null))
-
-
 def moderated_variance(var: np.ndarray, df: int) -> tuple[np.ndarray, float]:
     """Empirical-Bayes shrinkage of per-latent variances (limma's ``squeezeVar``).
 
@@ -421,7 +417,7 @@ def nces_metrics(
     p_values = p_values[~np.isnan(p_values)]
     geomean_ci = bootstrap_mean_ci(log_nces, confidence_level, n_resamples, seed)
     rank_ci = bootstrap_mean_ci(percentile, confidence_level, n_resamples, seed)
-    beats_ci = bootstrap_ci_of(storey_beats_null, p_values, confidence_level, n_resamples, seed)
+    beats_ci = bootstrap_ci_of(_storey_along, p_values, confidence_level, n_resamples, seed)
     all_nulls = alive["verified_all_nulls"] if "verified_all_nulls" in alive else alive["verified"]
     return {
         "nces_median": float(np.median(nces[defined])) if defined.any() else np.nan,
@@ -457,6 +453,10 @@ def storey_beats_null(p_values: np.ndarray, lam: float = STOREY_LAMBDA) -> float
     return 1.0 - pi0
 
 
+def _storey_along(p_values: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.apply_along_axis(storey_beats_null, axis, p_values)
+
+
 def bootstrap_mean_ci(
     values: np.ndarray,
     confidence_level: float = 0.95,
@@ -468,13 +468,14 @@ def bootstrap_mean_ci(
 
 
 def bootstrap_ci_of(
-    statistic,  # noqa: ANN001 - a function of one 1-d array
+    statistic: Callable[..., np.ndarray],
     values: np.ndarray,
     confidence_level: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Bootstrap CI (BCa, percentile if degenerate) of ``statistic(values)`` over the values.
+    """Bootstrap CI (BCa, percentile if degenerate) of ``statistic(values, axis=-1)`` over the
+    values (``statistic`` reduces along ``axis``, as ``np.mean`` does).
 
     Resamples latents, so it says how much a per-SAE number depends on which latents were
     drawn. NaN below 2 values.
@@ -483,17 +484,12 @@ def bootstrap_ci_of(
     if len(values) < 2:
         return np.nan, np.nan
     rng = np.random.default_rng(seed)
-
-    def one_sample(sample: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.apply_along_axis(statistic, axis, sample)
-
-    vectorized = statistic is np.mean
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
             warnings.simplefilter("ignore")
             result = stats.bootstrap(
                 (values,),
-                np.mean if vectorized else one_sample,
+                statistic,
                 n_resamples=n_resamples,
                 confidence_level=confidence_level,
                 method=method,
@@ -503,14 +499,3 @@ def bootstrap_ci_of(
         if np.isfinite(low) and np.isfinite(high):
             return float(low), float(high)
     return np.nan, np.nan
-
-
-def geomean_bootstrap_ci(
-    log_values: np.ndarray,
-    confidence_level: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Bootstrap CI of exp(mean(log_values)), over the values (NaN below 2 values)."""
-    low, high = bootstrap_mean_ci(log_values, confidence_level, n_resamples, seed)
-    return float(np.exp(low)), float(np.exp(high))
