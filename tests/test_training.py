@@ -75,7 +75,7 @@ def test_activations_cached_once_train_every_architecture_and_the_causal_kl(tmp_
     """``cache_activations`` stores exactly the model's activations of the token set (each
     row with its token ids), is reused for the same inputs and refuses others;
     SAEs train from it without running the model, except the causal SAE's KL term (every KL
-    step, or once for its second-order form)."""
+    step, only the fine-tune phase's steps, or once for its second-order form)."""
     import datasets
 
     from csae_plugin.training import cache_activations
@@ -105,6 +105,8 @@ def test_activations_cached_once_train_every_architecture_and_the_causal_kl(tmp_
             {"kl_every": 1, "kl_estimator": "fisher", "fisher_sequences": 4},
             1,
         ),
+        # the KL fine-tune phase: every step of the last quarter of the 16
+        "causal_finetune": ("causal", {"kl_every": 1, "kl_finetune_fraction": 0.25}, 4),
     }
     for name, (architecture, overrides, expected) in cases.items():
         forwards.clear()

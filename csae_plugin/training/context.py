@@ -8,21 +8,20 @@ runner creates it and attaches it to the training SAE, which calls :meth:`kl_ter
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
 from csae_plugin.causal.tail import HookPlan, parse_hook
+from csae_plugin.saes.causal import CausalTrainingSAE
 from csae_plugin.training.fisher import fisher_kl, hook_fisher
 from csae_plugin.training.kl import spliced_kl
 from csae_plugin.training.verification import verify_and_act
-
-if TYPE_CHECKING:
-    from csae_plugin.saes.causal import CausalTrainingSAE
 
 
 @dataclass
@@ -39,6 +38,7 @@ class CausalTrainingContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     _next_latent: int = 0
     fisher: torch.Tensor | None = None
+    total_steps: int | None = None
     plan: HookPlan = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,9 +52,31 @@ class CausalTrainingContext:
             self.model, self.plan, sae, tokens, self.special_ids, self.scaler, positions
         )
 
+    def in_kl_phase(self, step: int, finetune_fraction: float) -> bool:
+        """Whether training ``step`` (0-based) lies in the KL phase: every step when
+        ``finetune_fraction`` is 0, else the last ``ceil(fraction * total_steps)`` steps."""
+        if finetune_fraction == 0:
+            return True
+        if self.total_steps is None:
+            raise ValueError(
+                "kl_finetune_fraction > 0 needs the run's length: train with "
+                "csae_plugin.CausalSAETrainingRunner (it sets total_steps)"
+            )
+        return step >= self.total_steps - math.ceil(finetune_fraction * self.total_steps)
+
     def kl_term(self, sae: CausalTrainingSAE) -> torch.Tensor:
         tokens = self.next_tokens(sae.cfg.kl_batch_size)
-        return self.spliced_kl(sae, tokens, sae.cfg.kl_positions)
+        dtype = torch.bfloat16 if sae.cfg.kl_dtype == "bfloat16" else None
+        return spliced_kl(
+            self.model,
+            self.plan,
+            sae,
+            tokens,
+            self.special_ids,
+            self.scaler,
+            sae.cfg.kl_positions,
+            compute_dtype=dtype,
+        )
 
     def fisher_term(
         self, sae: CausalTrainingSAE, sae_in: torch.Tensor, sae_out: torch.Tensor

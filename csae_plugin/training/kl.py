@@ -3,6 +3,7 @@ spliced in at the hook against the clean one, differentiable in the SAE and redu
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -45,15 +46,23 @@ class _LeanKL(torch.autograd.Function):
         w_u: torch.Tensor,
         b_u: torch.Tensor,
         softcap: float | None,
+        compute_dtype: torch.dtype | None,
     ) -> torch.Tensor:
         n_rows = h.shape[0]
         cap = softcap if softcap_enabled(softcap) else None
         grad = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         step = max(1, KL_CHUNK_BYTES // (4 * w_u.shape[1]))
+        dtype = compute_dtype or w_u.dtype
+        w = w_u.to(dtype)
+
+        def logits(rows: torch.Tensor) -> torch.Tensor:
+            # the product in ``dtype``, everything after it in float32
+            return _capped(torch.addmm(b_u.to(dtype), rows.to(dtype), w).float(), cap)
+
         for r in range(0, n_rows, step):
-            logp = _capped(torch.addmm(b_u, clean_h[r : r + step], w_u), cap).log_softmax(-1)
-            zq = _capped(torch.addmm(b_u, h[r : r + step], w_u), cap)
+            logp = logits(clean_h[r : r + step]).log_softmax(-1)
+            zq = logits(h[r : r + step])
             logq = zq.log_softmax(-1)
             p = logp.exp()
             total += torch.linalg.vecdot(p, logp.sub_(logq)).double().sum()
@@ -61,7 +70,7 @@ class _LeanKL(torch.autograd.Function):
                 dz = logq.exp_().sub_(p)  # dKL/dz_spliced = q - p
                 if cap is not None:
                     dz.mul_(1 - (zq / cap).square())
-                grad[r : r + step] = dz @ w_u.T
+                grad[r : r + step] = (dz.to(dtype) @ w.T).to(grad.dtype)
         denom = max(n_rows, 1)
         ctx.save_for_backward(None if grad is None else grad / denom)
         return (total / denom).to(h.dtype)
@@ -69,7 +78,7 @@ class _LeanKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad_output * grad), None, None, None, None
+        return (None if grad is None else grad_output * grad), None, None, None, None, None
 
 
 def _capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -84,6 +93,7 @@ def spliced_kl(
     special_ids: torch.Tensor | None = None,
     scaler: ActivationScaler | None = None,
     positions: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """KL(p_clean || p_spliced) with the SAE's reconstruction spliced in at the hook at every
     scored position (BOS/padding keep their clean activation). Differentiable in the SAE.
@@ -109,13 +119,26 @@ def spliced_kl(
     _, attention_mask = padding_masks(model, tokens)
     with torch.no_grad():
         x, start_input = capture(model, plan, tokens, attention_mask)
+
+    def autocast() -> AbstractContextManager[Any]:
+        if compute_dtype is None:
+            return nullcontext()
+        return torch.autocast(x.device.type, dtype=compute_dtype)
+
+    with torch.no_grad(), autocast():
         clean_h = run_tail(model, plan, start_input, x, attention_mask)[mask]
-    spliced_h = run_tail(model, plan, start_input, splice(x), attention_mask)[mask]
+    with autocast():
+        spliced_h = run_tail(model, plan, start_input, splice(x), attention_mask)[mask]
     n_rows = clean_h.shape[0]
     if 0 < positions * tokens.shape[0] < n_rows:
         rows = torch.randperm(n_rows)[: positions * tokens.shape[0]].to(clean_h.device)
         clean_h, spliced_h = clean_h[rows], spliced_h[rows]
     unembed = model.unembed
     return _LeanKL.apply(
-        spliced_h, clean_h.detach(), unembed.W_U, unembed.b_U, model.cfg.output_logits_soft_cap
+        spliced_h.float(),
+        clean_h.detach().float(),
+        unembed.W_U,
+        unembed.b_U,
+        model.cfg.output_logits_soft_cap,
+        compute_dtype,
     )

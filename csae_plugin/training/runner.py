@@ -52,6 +52,7 @@ class CausalSAETrainingRunner(LanguageModelSAETrainingRunner):
                     next_tokens=lambda n: store.get_batch_tokens(n),
                     special_ids=store.exclude_special_tokens,
                     verify_tokens=verify_tokens,
+                    total_steps=cfg.total_training_steps,
                 )
             )
 
