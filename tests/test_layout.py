@@ -1,5 +1,6 @@
-"""The package's layout: no import cycles between its modules, modules of a few hundred lines,
-and the 0.1.0 module names either still importing or failing with a line that says where to."""
+"""The package's layout: no import cycles between its modules (TYPE_CHECKING imports counted),
+modules of a few hundred lines, and the 0.1.0 module names either still importing or failing
+with a line that says where to."""
 
 from __future__ import annotations
 
@@ -20,23 +21,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def runtime_imports(tree: ast.AST, modules: set[str], this: str) -> set[str]:
-    """Package modules ``tree`` imports at run time (module or function level), skipping
-    ``if TYPE_CHECKING:`` blocks."""
+def module_imports(tree: ast.AST, modules: set[str], this: str) -> set[str]:
+    """Package modules ``tree`` imports anywhere: module or function level, and inside
+    ``if TYPE_CHECKING:`` blocks too (a cycle there still ties the modules together)."""
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name in modules)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -46,10 +35,6 @@ def runtime_imports(tree: ast.AST, modules: set[str], this: str) -> set[str]:
                     found.add(sub)
                 elif node.module in modules:
                     found.add(node.module)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
     found.discard(this)
     return found
 
@@ -58,7 +43,7 @@ def import_graph() -> dict[str, set[str]]:
     files = sorted(PACKAGE.rglob("*.py"))
     modules = {module_name(f) for f in files}
     return {
-        module_name(f): runtime_imports(ast.parse(f.read_text()), modules, module_name(f))
+        module_name(f): module_imports(ast.parse(f.read_text()), modules, module_name(f))
         for f in files
     }
 
@@ -89,11 +74,37 @@ def test_the_checker_finds_a_cycle_when_there_is_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     tree = ast.parse("from csae_plugin.x import y\nif TYPE_CHECKING:\n    import csae_plugin.z")
-    assert runtime_imports(tree, {"csae_plugin.x", "csae_plugin.z"}, "m") == {"csae_plugin.x"}
+    assert module_imports(tree, {"csae_plugin.x", "csae_plugin.z"}, "m") == {
+        "csae_plugin.x",
+        "csae_plugin.z",
+    }
+    assert without_known_cycles({"a": {"b"}, "b": {"a", "c"}}, [("b", "a")]) == {
+        "a": set(),
+        "b": {"c"},
+    }
+
+
+KNOWN_CYCLES = [
+    # broken by issue 25 work: delete this pair once neither module imports the other's type
+    ("csae_plugin.saes.causal", "csae_plugin.training.context"),
+]
+"""Pairs of modules allowed to import each other (TYPE_CHECKING imports), for now; every
+import between the two of a pair is left out of the cycle check, no other one."""
+
+
+def without_known_cycles(
+    graph: dict[str, set[str]], pairs: list[tuple[str, str]]
+) -> dict[str, set[str]]:
+    """``graph`` without the imports between the two modules of each of ``pairs``."""
+    pruned = {node: set(targets) for node, targets in graph.items()}
+    for a, b in pairs:
+        pruned.get(a, set()).discard(b)
+        pruned.get(b, set()).discard(a)
+    return pruned
 
 
 def test_no_import_cycles_between_the_package_modules():
-    graph = import_graph()
+    graph = without_known_cycles(import_graph(), KNOWN_CYCLES)
     assert len(graph) > 20  # the scan sees the package
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import BOS, D_MODEL, make_tiny_model, make_tokens, runner_config
 from sae_lens import SAE, LanguageModelSAETrainingRunner
 from sae_lens.saes.sae import TrainStepInput
@@ -263,6 +264,16 @@ def test_terms_off_means_no_verification_and_plain_saelens_training(
 
 # 7. the lean KL term (chunked, tail-only; training.kl.spliced_kl) equals the plain
 #    full-logits KL(p_clean || p_spliced) in value and in its gradient wrt the SAE
+def kl_clean_vs_spliced(
+    clean_logits: torch.Tensor, spliced_logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean over scored positions of KL(p_clean || p_spliced), in nats, from full logits."""
+    clean_logp = F.log_softmax(clean_logits.float(), dim=-1)
+    spliced_logp = F.log_softmax(spliced_logits.float(), dim=-1)
+    kl = F.kl_div(spliced_logp, clean_logp, log_target=True, reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _plain_spliced_kl(context: CausalTrainingContext, sae, tokens: torch.Tensor) -> torch.Tensor:
     mask = tail.special_token_mask(tokens, context.special_ids)
     with torch.no_grad():
@@ -273,7 +284,7 @@ def _plain_spliced_kl(context: CausalTrainingContext, sae, tokens: torch.Tensor)
     logits = context.model.run_with_hooks(
         tokens, fwd_hooks=[(context.hook_name, lambda act, hook: spliced)]
     )
-    return tt.kl_clean_vs_spliced(clean, logits, mask)
+    return kl_clean_vs_spliced(clean, logits, mask)
 
 
 @pytest.mark.parametrize(

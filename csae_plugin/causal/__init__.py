@@ -1,8 +1,10 @@
 """Causal effects of SAE latents: the model's tail after the hook (:mod:`.tail`), what an
-intervention and its null are (:mod:`.interventions`), reference statistics
-(:mod:`.reference_stats`), the batched engine (:mod:`.engine`) with its slow reference
-(:mod:`.naive`), and the NCES statistics (:mod:`.nces`)."""
+intervention and its null are (:mod:`.interventions`, drawn from the seeded streams of
+:mod:`.draws`), reference statistics (:mod:`.reference_stats`), the batched engine
+(:mod:`.engine`) with its slow reference (:mod:`.naive`), and the NCES statistics
+(:mod:`.nces`)."""
 
+from csae_plugin.causal.draws import draw_generator
 from csae_plugin.causal.engine import LatentEffects, latent_effects
 from csae_plugin.causal.interventions import (
     DEFAULT_NULL,
@@ -10,7 +12,6 @@ from csae_plugin.causal.interventions import (
     NULLS,
     check_nulls,
     decoder_directions,
-    draw_generator,
     latent_null_directions,
     null_directions,
     resample_values,

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from sae_lens import SAE
+
+from csae_plugin.causal.draws import draw_generator
 
 if TYPE_CHECKING:
     from csae_plugin.causal.reference_stats import ReferenceStats
@@ -49,12 +50,6 @@ BAND_FLOOR = 1e-9
 """Eigenvalues below this fraction of the largest (numerically zero) form one band."""
 
 DEFAULT_NULL = "matched"
-
-
-def draw_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, *keys)``: independent streams per latent/sequence."""
-    state = np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 def spectral_bands(eigvals: torch.Tensor, relative_gap: float = BAND_RELATIVE_GAP) -> torch.Tensor:

@@ -9,8 +9,8 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from csae_plugin.causal.draws import draw_generator
 from csae_plugin.causal.inputs import capture_rows, prepare_inputs
-from csae_plugin.causal.interventions import draw_generator
 from csae_plugin.causal.tail import encode
 
 

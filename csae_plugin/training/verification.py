@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -32,10 +32,6 @@ from transformer_lens import HookedTransformer
 from csae_plugin.causal import latent_effects, reference_stats
 from csae_plugin.causal.nces import effects_details, nces_metrics
 from csae_plugin.causal.tail import special_token_mask, stop_after_hook
-
-if TYPE_CHECKING:
-    from csae_plugin.saes.causal import CausalTrainingSAE
-    from csae_plugin.training.context import CausalTrainingContext
 
 FDR_LEVEL = 0.05
 """Benjamini-Hochberg level at which a latent counts as verified (as in the NCES eval)."""
@@ -61,6 +57,45 @@ ENGINE_BATCH_SIZE = 16
 _BOOTSTRAP_RESAMPLES = 200  # the CI is not used here, only the p-values behind "verified"
 
 
+class VerifiedSAE(Protocol):
+    """What verification uses of the training SAE (``csae_plugin.saes.causal``'s
+    ``CausalTrainingSAE``): its config, weights, encoder as saved, decoder and training mode.
+    Stated here so that this module imports neither the SAE nor the context that calls it."""
+
+    cfg: Any
+    training: bool
+    W_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_enc: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def encode_as_saved(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor: ...
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+
+class VerificationContext(Protocol):
+    """What verification uses of the runner's context (``csae_plugin.training.context``'s
+    ``CausalTrainingContext``, which calls :func:`verify_and_act` with itself): the frozen
+    model at its hook, the scaler, held-out tokens, the optimizer whose Adam state a resample
+    resets, the past verifications, and the rotation's next latent (advanced here)."""
+
+    model: HookedTransformer
+    hook_name: str
+    scaler: ActivationScaler
+    special_ids: torch.Tensor | None
+    verify_tokens: torch.Tensor | None
+    optimizer: torch.optim.Optimizer | None
+    history: list[dict[str, Any]]
+    _next_latent: int
+
+
 class ModelUnitsSAE:
     """A training SAE as the NCES engine needs it: model-unit activations in and out.
 
@@ -69,7 +104,7 @@ class ModelUnitsSAE:
     its learned threshold, as its saved inference SAE does, instead of a batch-level top-k.
     """
 
-    def __init__(self, sae: CausalTrainingSAE, scaler: ActivationScaler, hook_name: str):
+    def __init__(self, sae: VerifiedSAE, scaler: ActivationScaler, hook_name: str):
         self.sae = sae
         self.scaler = scaler
         self.cfg = copy.copy(sae.cfg)
@@ -99,8 +134,8 @@ class ModelUnitsSAE:
 
 
 def verify_and_act(
-    context: CausalTrainingContext,
-    sae: CausalTrainingSAE,
+    context: VerificationContext,
+    sae: VerifiedSAE,
     dead_neuron_mask: torch.Tensor | None,
 ) -> dict[str, float]:
     """Score the next ``verify_latents`` latents on ``context.verify_tokens`` and act on them.
@@ -165,7 +200,7 @@ def verify_and_act(
     return result
 
 
-def next_latents(context: CausalTrainingContext, d_sae: int, n: int) -> np.ndarray:
+def next_latents(context: VerificationContext, d_sae: int, n: int) -> np.ndarray:
     """The next ``n`` latents of the rotation (all ``d_sae`` in turn), advancing it."""
     n = min(n, d_sae)
     latents = (context._next_latent + np.arange(n)) % d_sae
@@ -191,8 +226,8 @@ def latents_to_resample(details: pd.DataFrame, cap: int) -> np.ndarray:
 
 @torch.no_grad()
 def resample_latents(
-    context: CausalTrainingContext,
-    sae: CausalTrainingSAE,
+    context: VerificationContext,
+    sae: VerifiedSAE,
     view: ModelUnitsSAE,
     latents: np.ndarray,
     seed: int = 0,
@@ -235,7 +270,7 @@ def resample_latents(
 
 
 def reset_adam_state(
-    optimizer: torch.optim.Optimizer, sae: CausalTrainingSAE, latents: torch.Tensor
+    optimizer: torch.optim.Optimizer, sae: VerifiedSAE, latents: torch.Tensor
 ) -> None:
     """Zero Adam's moments for ``latents``: W_enc columns, W_dec rows and b_enc entries."""
     for param, index in (
@@ -250,7 +285,7 @@ def reset_adam_state(
 
 
 @torch.no_grad()
-def reweight_latents(sae: CausalTrainingSAE, details: pd.DataFrame) -> int:
+def reweight_latents(sae: VerifiedSAE, details: pd.DataFrame) -> int:
     """Raise the L1 weight of inert latents that fire; relax verified ones towards 1.
 
     Returns the number of latents whose weight was raised.
@@ -266,7 +301,7 @@ def reweight_latents(sae: CausalTrainingSAE, details: pd.DataFrame) -> int:
     return int(inert.sum())
 
 
-def _hook_activations(context: CausalTrainingContext) -> torch.Tensor:
+def _hook_activations(context: VerificationContext) -> torch.Tensor:
     """Model-unit activations at the hook on the verify tokens' scored positions [n, d_in]."""
     model: HookedTransformer = context.model
     tokens = context.verify_tokens.to(model.cfg.device)  # type: ignore[union-attr]
@@ -279,7 +314,7 @@ def _hook_activations(context: CausalTrainingContext) -> torch.Tensor:
     return x[special_token_mask(tokens, context.special_ids)]
 
 
-def _bos_token_id(context: CausalTrainingContext) -> int | None:
+def _bos_token_id(context: VerificationContext) -> int | None:
     """The model tokenizer's BOS, else the verify tokens' first token if it is special."""
     tokenizer = context.model.tokenizer
     if tokenizer is not None and tokenizer.bos_token_id is not None:
