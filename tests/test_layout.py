@@ -78,33 +78,10 @@ def test_the_checker_finds_a_cycle_when_there_is_one():
         "csae_plugin.x",
         "csae_plugin.z",
     }
-    assert without_known_cycles({"a": {"b"}, "b": {"a", "c"}}, [("b", "a")]) == {
-        "a": set(),
-        "b": {"c"},
-    }
-
-
-KNOWN_CYCLES = [
-    # broken by issue 25 work: delete this pair once neither module imports the other's type
-    ("csae_plugin.saes.causal", "csae_plugin.training.context"),
-]
-"""Pairs of modules allowed to import each other (TYPE_CHECKING imports), for now; every
-import between the two of a pair is left out of the cycle check, no other one."""
-
-
-def without_known_cycles(
-    graph: dict[str, set[str]], pairs: list[tuple[str, str]]
-) -> dict[str, set[str]]:
-    """``graph`` without the imports between the two modules of each of ``pairs``."""
-    pruned = {node: set(targets) for node, targets in graph.items()}
-    for a, b in pairs:
-        pruned.get(a, set()).discard(b)
-        pruned.get(b, set()).discard(a)
-    return pruned
 
 
 def test_no_import_cycles_between_the_package_modules():
-    graph = without_known_cycles(import_graph(), KNOWN_CYCLES)
+    graph = import_graph()
     assert len(graph) > 20  # the scan sees the package
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
