@@ -1,9 +1,9 @@
 """The text an SAE is trained and evaluated on, as fixed-length token sequences.
 
 The default corpus is embedded: the Python standard library's own documentation (the
-``pydoc`` topic pages and the docstrings of the stdlib modules), about 1.6 M characters of
-real English prose that every Python installation ships, so nothing is downloaded. Users
-with a hub can pass any Hugging Face dataset instead.
+``pydoc`` topic pages and the docstrings of the stdlib modules), real English prose that every
+Python installation ships, so nothing is downloaded. Users with a hub can pass any Hugging Face
+dataset instead.
 """
 
 from __future__ import annotations

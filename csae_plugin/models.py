@@ -127,7 +127,7 @@ def hub_usable() -> bool:
     """Whether a hub-backed load is worth attempting.
 
     True when ``HF_HUB_OFFLINE`` asks the hub clients to read their local cache, or when the
-    hub answers one quick request. Hub clients otherwise retry for ~25 s before giving up,
+    hub answers one quick request. Hub clients otherwise keep retrying before they give up,
     so a machine without network can fail at once instead.
     """
     from huggingface_hub import constants
@@ -232,8 +232,8 @@ def _one_gguf_parse() -> Iterator[None]:
     """Parse each GGUF file once while transformers reads it three times.
 
     transformers reads the file for the tokenizer, the config and the weights, each time with
-    a new ``gguf.GGUFReader``, whose constructor decodes every metadata field in Python: the
-    262k-entry vocabulary makes that ~15 s a time on a 2-core CPU. The reader only reads the
+    a new ``gguf.GGUFReader``, whose constructor decodes every metadata field in Python, slow
+    for a 262k-entry vocabulary (timed in ``docs/benchmarks.md``). The reader only reads the
     (memory-mapped) file, so one per path serves all three.
     """
     import gguf

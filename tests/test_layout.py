@@ -1,19 +1,22 @@
 """The package's layout: no import cycles between its modules (TYPE_CHECKING imports counted),
-modules of a few hundred lines, and the 0.1.0 module names either still importing or failing
-with a line that says where to."""
+modules of a few hundred lines, the 0.1.0 module names either still importing or failing with a
+line that says where to, and the README's layout table naming what is there."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "csae_plugin"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "csae_plugin"
 MAX_LINES = 600
+LAYOUT_HEADER = "| package | what | modules |"
 
 
 def module_name(path: Path) -> str:
@@ -109,3 +112,49 @@ def test_the_package_imports_in_a_fresh_process_in_any_order():
             [sys.executable, "-c", f"import {first}"], capture_output=True, text=True
         )
         assert result.returncode == 0, (first, result.stderr[-2000:])
+
+
+def readme_layout_table(text: str) -> dict[str, list[str]]:
+    """The README's layout table: each row's package folder (relative to the repository root,
+    first column) and the files and folders its last column names (relative to that package).
+    Every backticked name in the last column that ends in ``.py`` or ``/`` is one of them."""
+    lines = text.splitlines()
+    start = lines.index(LAYOUT_HEADER)
+    rows: dict[str, list[str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        (package,) = re.findall(r"`([^`]+)`", cells[0])
+        rows[package] = [n for n in re.findall(r"`([^`]+)`", cells[-1]) if n.endswith((".py", "/"))]
+    return rows
+
+
+def test_the_layout_table_parser_reads_rows():
+    text = (
+        "intro\n\n" + LAYOUT_HEADER + "\n|---|---|---|\n"
+        "| `csae_plugin/x/` | what `y` | `a.py` (`f`), `b/` |\n| `csae_plugin/` | top | `c.py` |\n"
+        "\nafter | `z.py` |"
+    )
+    assert readme_layout_table(text) == {"csae_plugin/x/": ["a.py", "b/"], "csae_plugin/": ["c.py"]}
+
+
+def test_the_readme_layout_table_names_only_what_exists():
+    table = readme_layout_table((ROOT / "README.md").read_text())
+    assert len(table) >= 5  # the parser found the table
+    missing = [
+        f"{package}{name}"
+        for package, names in table.items()
+        for name in ["__init__.py", *names]
+        if not (ROOT / package / name).exists()
+    ]
+    assert not missing, f"README's layout table names paths that do not exist: {missing}"
+
+
+def test_the_readme_layout_table_names_every_subpackage():
+    table = readme_layout_table((ROOT / "README.md").read_text())
+    subpackages = {
+        f"{init.parent.relative_to(ROOT).as_posix()}/" for init in PACKAGE.rglob("__init__.py")
+    }
+    unnamed = sorted(subpackages - set(table))
+    assert not unnamed, f"subpackages missing from README's layout table: {unnamed}"

@@ -48,18 +48,18 @@ def vocabulary_ids(
 
 
 def default_concepts(tokenizer: PreTrainedTokenizerBase) -> list[Concept]:
-    """Six concepts frequent in the embedded stdlib-documentation corpus.
+    """Six concepts frequent in the embedded stdlib-documentation corpus (how often each
+    occurs there: ``evals/REPORT.md``, "Targeted probing").
 
     * ``digit``: the next token is a number (its text, stripped, is all digits). Gemma splits
-      numbers into single digits, so this includes continuing a number: ~2.4% of positions.
+      numbers into single digits, so this includes continuing a number.
     * ``code_paren``: the next token starts with ``(`` with no space before it, i.e. a call or
-      signature in code (``f(x)``, ``()``); prose parentheses `` (`` are left out: ~1.3%.
+      signature in code (``f(x)``, ``()``); prose parentheses `` (`` are left out.
     * ``sentence_start``: the next token begins a sentence, i.e. starts with an uppercase
       letter after sentence-final punctuation. The stdlib docs put two spaces after a period,
       which Gemma tokenizes ``.`` ``"  "`` ``The``, so two patterns: (end, `` X``) and
       (end, spaces, ``X``); the mass is over both kinds of capitalised token. A capital
-      glued to a period (``io.BytesIO``) is not a sentence start and is not labelled: ~1%
-      of positions.
+      glued to a period (``io.BytesIO``) is not a sentence start and is not labelled.
     * ``close_paren``: the next token starts with ``)`` (closing a call or an aside).
     * ``comma``: the next token is a comma (its text, stripped, is ``,``).
     * ``attribute``: the next token is a name glued to a ``.`` (``os.path``, ``io.BytesIO``):

@@ -10,12 +10,11 @@ reproduces a reference. L0 and metrics of no known direction are always two-side
 sparsity makes the other scores incomparable rather than worse. NCES results made with another
 definition, null, intervention or number of null draws are ``not comparable``.
 
-The default tolerances (:data:`DEFAULT_TOLERANCES`) are the project's CI tolerances, sized from
-measured spreads: the same sweep rerun as other CPUs would run it (``evals/ci_spread.py``,
-``evals/results/ci_spread_cpu.json``) moved the scores by < 4e-4, geometric-mean NCES by 3.4%
-and frac_verified by one latent of 23; the tolerances are 25x the scores' movement, 4x NCES's and
-three latents. They bound machine noise for one training run, not seed-to-seed spread: compare
-SAEs trained with the same seed, or widen them (``--tolerance``).
+The default tolerances (:data:`DEFAULT_TOLERANCES`) are the project's CI tolerances, sized
+from the measured spread of the same sweep rerun as other CPUs would run it
+(``evals/ci_spread.py``; the numbers and the margins are in ``docs/ci_gate.md``). They bound
+machine noise for one training run, not seed-to-seed spread: compare SAEs trained with the same
+seed, or widen them (``--tolerance``).
 """
 
 from __future__ import annotations
