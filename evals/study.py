@@ -63,10 +63,11 @@ VARIANTS = {
 
 ``everystep`` (after seed 0's results): the KL term at every step, as in the 40-step study
 where every step kept the CE-loss score and every 10th step lowered it, on one sequence with 16
-scored positions. ``fisher`` (after ``evals/kl_diagnosis.py`` found the exact term's per-step
-gradient mostly noise): the KL's second-order form at every step, on every training token, with
-the Fisher metric estimated once on 32 sequences; weight 10 makes its gradient about as large as
-the MSE gradient's at the trained TopK SAE (measured ratio 0.07-0.2 at weight 1)."""
+scored positions. ``fisher`` (after the KL diagnosis, ``evals/REPORT.md``, found the exact
+term's per-step gradient mostly noise): the KL's second-order form at every step, on every
+training token, with the Fisher metric estimated once on 32 sequences; weight 10 makes its
+gradient about as large as the MSE gradient's at the trained TopK SAE (measured ratio 0.07-0.2
+at weight 1)."""
 GOAL = "frac_verified >= TopK's + 0.2 and nces_geomean CI above TopK's, CE within 0.01"
 RATE_STEPS = 60
 

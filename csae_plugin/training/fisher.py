@@ -17,7 +17,8 @@ trained this way reads cached activations like its baselines.
 What it drops against the exact term: the off-diagonal blocks (errors at two positions acting
 together through attention) and the per-position weighting (F is one average). Its value is
 deterministic, where the exact term's gradient, estimated on a few sequences, is mostly sampling
-noise at the sizes a CPU affords (``evals/kl_diagnosis.py``).
+noise at the sizes a CPU affords (``evals/REPORT.md``, "Why the KL term raised the held-out
+KL"; the script, ``evals/kl_diagnosis.py``, is at commit 65eea3c).
 """
 
 from __future__ import annotations
