@@ -712,8 +712,7 @@ def stage_timing(check: Check) -> dict[str, Any]:
     sae = stats = None  # free their memory before the large SAE
 
     # a 16,384-latent SAE: time a uniform sample of its latents, project all of them
-    sys.path.insert(0, str(EVALS_DIR))
-    from bench_nces import data_initialised_topk
+    from evals.common import data_initialised_topk
 
     n_init = -(-2 * s.big_d_sae // (bench_context - 1))  # twice d_sae non-BOS tokens
     init_tokens = splits.train[s.timing_reference_seqs : s.timing_reference_seqs + n_init]

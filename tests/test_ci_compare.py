@@ -1,4 +1,4 @@
-"""The CI comparison (``evals/ci_compare.py``): its tolerance logic, and the real run.
+"""The CI comparison (``evals/ci/compare.py``): its tolerance logic, and the real run.
 
 The slow test reruns the ``ci`` sweep preset (causal vs TopK on Gemma 3 270M, a few minutes on
 a CPU) and fails when a metric or the causal SAE's advantage moves beyond the tolerances
@@ -8,15 +8,11 @@ stated in the committed reference.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-EVALS = Path(__file__).parents[1] / "evals"
-sys.path.insert(0, str(EVALS))
-import ci_compare  # noqa: E402
+from evals.ci import compare as ci_compare
 
 
 def reference_and_table() -> tuple[dict, pd.DataFrame]:
@@ -60,7 +56,9 @@ def test_within_tolerance_passes_and_each_regression_is_named():
 
 def test_reference_says_how_it_was_produced():
     reference = json.loads(ci_compare.REFERENCE.read_text())
-    assert reference["produced_by"] == "python evals/ci_compare.py --update"
+    assert (
+        reference["produced_by"] == ci_compare.PRODUCED_BY == "python -m evals.ci.compare --update"
+    )
     assert set(reference["table"]) == {"causal_1024_k32", "topk_1024_k32"}
     for row in reference["table"].values():
         assert set(row) == set(ci_compare.METRICS)

@@ -65,7 +65,7 @@ def test_random_model_config_is_gemma3_270m():
 
 
 def test_reference_stats_builds_no_autograd_graph():
-    """Called outside ``no_grad`` (as evals/bench_nces.py does), the statistics must not hold
+    """Called outside ``no_grad`` (as evals/benchmarks/nces.py does), the statistics must not hold
     an autograd graph spanning every batch of reference tokens."""
     model = HookedTransformer(
         HookedTransformerConfig(

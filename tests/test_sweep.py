@@ -1,16 +1,14 @@
-"""Pieces of the comparison sweep (``evals/sweep.py``) that read results: the stricter-bar table."""
+"""Pieces of the comparison sweep (``evals/ci/sweep.py``) that read results: the stricter-bar
+table."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-EVALS = Path(__file__).parents[1] / "evals"
-sys.path.insert(0, str(EVALS))
-import sweep  # noqa: E402
+from evals.ci import sweep
 
 
 def write_nces(folder: Path, name: str, latents: list[dict]) -> None:

@@ -12,9 +12,9 @@ definition, null, intervention or number of null draws are ``not comparable``.
 
 The default tolerances (:data:`DEFAULT_TOLERANCES`) are the project's CI tolerances, sized
 from the measured spread of the same sweep rerun as other CPUs would run it
-(``evals/ci_spread.py``; the numbers and the margins are in ``docs/ci_gate.md``). They bound
-machine noise for one training run, not seed-to-seed spread: compare SAEs trained with the same
-seed, or widen them (``--tolerance``).
+(``evals/ci_spread.py`` at commit 65eea3c; the numbers and the margins are in
+``docs/ci_gate.md``). They bound machine noise for one training run, not seed-to-seed spread:
+compare SAEs trained with the same seed, or widen them (``--tolerance``).
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
             drawn at random among the scored ones each KL step (0: all). The reconstruction is
             still spliced in at every position; only the unembedding, which dominates a KL
             step's cost for large vocabularies, is restricted, so the term stays an unbiased
-            estimate of the mean KL over positions (``evals/study.py`` measures what it costs).
+            estimate of the mean KL over positions (``evals/study/study.py`` measures what it
+            costs).
         kl_estimator: ``exact`` (the spliced model's KL on ``kl_batch_size`` sequences every
             ``kl_every`` steps) or ``fisher`` (its second-order form, 1/2 delta^T F delta per
             training token with the hook's Fisher metric F estimated once before training,

@@ -1,7 +1,7 @@
 """CI comparison: rerun the small sweep and compare it with the committed reference.
 
-    python evals/ci_compare.py            # run the "ci" sweep preset, compare, exit 1 on regression
-    python evals/ci_compare.py --update   # run it and rewrite the reference (evals/results/reference_ci.json)
+    python -m evals.ci.compare            # run the "ci" sweep preset, compare, exit 1 on regression
+    python -m evals.ci.compare --update   # run it and rewrite the reference (evals/ci/reference_ci.json)
 
 The reference records how it was produced (command, machine, settings). Tolerances are stated
 in ``TOLERANCES``: per-SAE metrics may move within them (other CPUs give slightly different
@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from csae_plugin.evals import gate
+from evals.ci import sweep
+from evals.common import write_json
 
-sys.path.insert(0, str(Path(__file__).parent))
-import sweep  # noqa: E402
-
-REFERENCE = Path(__file__).parent / "results" / "reference_ci.json"
+REFERENCE = Path(__file__).with_name("reference_ci.json")
+PRODUCED_BY = "python -m evals.ci.compare --update"
 TOLERANCES = gate.DEFAULT_TOLERANCES
 """The tolerances of ``sae_bench compare --fail-on-regression`` (``csae_plugin.evals.gate``,
 which says what they are sized from), applied two-sided: a rerun must reproduce the reference,
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table[list(METRICS)].to_string(float_format=lambda v: f"{v:.4g}"))
     if args.update:
         reference = {
-            "produced_by": "python evals/ci_compare.py --update",
+            "produced_by": PRODUCED_BY,
             "machine": meta["machine"],
             "settings": meta["settings"],
             "minutes": meta["minutes"],
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 name: {m: float(table.loc[name, m]) for m in METRICS} for name in table.index
             },
         }
-        REFERENCE.write_text(json.dumps(reference, indent=2) + "\n")
+        write_json(REFERENCE, reference)
         print(f"reference written to {REFERENCE}")
         return 0
     problems = compare(table, json.loads(REFERENCE.read_text()))

@@ -6,21 +6,17 @@ the model's log-probability of the concept is compared with zeroing firing-rate-
 latents. Writes a JSON (settings, machine, per-concept numbers, chosen latents) and a CSV (one
 row per SAE and concept) and prints a table.
 
-    python evals/probing.py --sae path/to/sae [path/to/other_sae ...]
-    python evals/probing.py --init-topk /tmp/topk --sae /tmp/topk   # build a quick SAE first
+    python -m evals.study.probing --sae path/to/sae [path/to/other_sae ...]
+    python -m evals.study.probing --init-topk /tmp/topk --sae /tmp/topk  # a quick SAE first
 
 ``--init-topk FOLDER`` saves a TopK SAE initialised from data, untrained (decoder rows are
-centred activations, as in ``evals/bench_nces.py``), built on training rows the probe does not
-use: a smoke test of the pipeline, not a meaningful SAE.
+centred activations, :func:`evals.common.data_initialised_topk`), built on training rows the
+probe does not use: a smoke test of the pipeline, not a meaningful SAE.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -31,9 +27,8 @@ from csae_plugin.data import corpus_splits
 from csae_plugin.evals.probing import default_concepts, probing_consistency
 from csae_plugin.models import load_model
 from csae_plugin.saes.loading import load_sae
+from evals.common import HOOK, MODEL, RESULTS, data_initialised_topk, machine, write_json
 
-RESULTS = Path(__file__).parent / "results"
-DEFAULT_HOOK = "blocks.6.hook_resid_post"
 TABLE_COLUMNS = ["sae", "concept", "n_eval_positive", "drop_probe", "drop_random", "ratio"]
 TABLE_COLUMNS += ["ratio_ci_low", "ratio_ci_high", "difference", "consistent"]
 
@@ -41,9 +36,9 @@ TABLE_COLUMNS += ["ratio_ci_low", "ratio_ci_high", "difference", "consistent"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sae", nargs="+", required=True, help="saved SAE folders")
-    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--model", default=MODEL)
     parser.add_argument(
-        "--hook", default=None, help=f"default: the SAE's hook_name ({DEFAULT_HOOK} if unset)"
+        "--hook", default=None, help=f"default: the SAE's hook_name ({HOOK} if unset)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "probing.json")
     parser.add_argument("--device", default="cpu")
@@ -63,27 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def init_topk(model, tokens: torch.Tensor, args: argparse.Namespace) -> None:
-    """Save a data-initialised TopK SAE (``evals/bench_nces.py``) to ``args.init_topk``."""
-    from bench_nces import data_initialised_topk
-
+    """Save a data-initialised TopK SAE (:func:`evals.common.data_initialised_topk`) to
+    ``args.init_topk``."""
     n_rows = -(-2 * args.d_sae // (args.context_size - 1))  # twice d_sae non-BOS tokens
-    hook = args.hook or DEFAULT_HOOK
+    hook = args.hook or HOOK
     sae = data_initialised_topk(model, hook, tokens[:n_rows], args.d_sae, args.k, args.seed)
     args.init_topk.mkdir(parents=True, exist_ok=True)
     sae.save_model(args.init_topk)
     print(f"saved a data-initialised TopK SAE (d_sae={args.d_sae}, k={args.k}) to {args.init_topk}")
-
-
-def machine(device: str) -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": device,
-        "python": platform.python_version(),
-    }
 
 
 def csv_table(results: list[dict]) -> pd.DataFrame:
@@ -96,23 +78,6 @@ def csv_table(results: list[dict]) -> pd.DataFrame:
             table[f"sae_{key}"] = value
         frames.append(table)
     return pd.concat(frames, ignore_index=True)
-
-
-def plain(value: object) -> object:
-    """``value`` as strict JSON: numpy scalars as Python numbers, NaN as null, inf as "inf"."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isinf(value):
-        return str(value)  # "inf" / "-inf": an infinite ratio is a result, not a gap
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         hook = sae.cfg.metadata.hook_name
         if args.hook is not None and hook not in (None, args.hook):
             raise SystemExit(f"SAE {spec!r} reads {hook!r}, not --hook {args.hook!r}")
-        sae.cfg.metadata.hook_name = hook or args.hook or DEFAULT_HOOK
+        sae.cfg.metadata.hook_name = hook or args.hook or HOOK
         start = time.perf_counter()
         result = probing_consistency(
             model,
@@ -178,8 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         "setup_seconds": setup_s,
         "saes": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(plain(output), indent=2) + "\n")
+    write_json(args.out, output)
     table = csv_table(results)
     table.to_csv(args.out.with_suffix(".csv"), index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20):

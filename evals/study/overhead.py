@@ -3,38 +3,44 @@
 How the cost grows: training steps/s and the peak-memory increase of every architecture at three
 widths (``--widths``), through the same runner on the same model, hook and tokens; NCES eval
 seconds per latent at the same three widths and at three context lengths (``--contexts``).
-Training is timed from the first step's start to the last step's end (``bench_training``'s
-clock); memory is the peak resident set size during the call minus the resident size before it
+Training is timed from the first step's start to the last step's end
+(:class:`evals.common.StepClock`); memory is the peak resident set size during the call minus the resident size before it
 (sampled every 5 ms); memory the process freed earlier is reused without raising the
 resident size, so this is a lower bound past the first run, which an untimed warm-up run
-absorbs. The SAEs scored by NCES are data-initialised TopK SAEs (``bench_nces``):
-cost does not depend on training. Writes ``evals/results/overhead_<model>.json`` / ``.md`` and
+absorbs. The SAEs scored by NCES are data-initialised TopK SAEs
+(:func:`evals.common.data_initialised_topk`): cost does not depend on training. Writes ``evals/results/overhead_<model>.json`` / ``.md`` and
 ``overhead_<model>.png``.
 
-    python evals/overhead.py                  # Gemma 3 270M layer 6: about 15 minutes here
-    python evals/overhead.py --model tiny     # in-process tiny model, a smoke run
+    python -m evals.study.overhead               # Gemma 3 270M layer 6: about 15 minutes here
+    python -m evals.study.overhead --model tiny  # in-process tiny model, a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from bench_nces import PeakRSS, data_initialised_topk
-from bench_training import StepClock, gemma_setup, tiny_setup
 
 from csae_plugin.evals.nces.eval_config import NCESEvalConfig
 from csae_plugin.evals.nces.main import evaluate_sae
 from csae_plugin.training import ARCHITECTURES, TrainSpec, train_sae
-
-RESULTS = Path(__file__).parent / "results"
+from evals.common import (
+    HOOK,
+    MODEL,
+    RESULTS,
+    TINY_HOOK,
+    PeakRSS,
+    StepClock,
+    data_initialised_topk,
+    gemma_setup,
+    machine,
+    tiny_setup,
+    write_json,
+)
 
 
 def training_row(model, hook, tokens, spec, args, bos) -> dict[str, Any]:
@@ -108,7 +114,7 @@ def plot(training: pd.DataFrame, nces: pd.DataFrame, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m", choices=["gemma-3-270m", "tiny"])
+    parser.add_argument("--model", default=MODEL, choices=[MODEL, "tiny"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="d_sae sizes")
     parser.add_argument("--contexts", type=int, nargs="+", default=[32, 64, 128])
@@ -126,8 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.k = min(args.k, 8)
         args.contexts = [c for c in args.contexts if c <= 32] or [32]
     context = max(args.contexts)
-    model, train, evaluation, bos = tiny_setup(context) if tiny else gemma_setup(args.device, 128)
-    hook = "blocks.1.hook_resid_post" if tiny else "blocks.6.hook_resid_post"
+    if tiny:
+        model, train, evaluation, bos = tiny_setup(context, rows=512, eval_rows=64)
+    else:
+        model, train, evaluation, bos = gemma_setup(args.device, 128)
+    hook = TINY_HOOK if tiny else HOOK
 
     # untimed warm-up: the first training run in a process pays one-time costs (allocator,
     # kernels) that would otherwise land on whichever architecture is measured first
@@ -159,20 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or RESULTS / f"overhead_{args.model}.json"
     result = {
         "benchmark": "overhead: training throughput / memory per architecture, NCES cost",
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": args.device,
-            "load_average_1m_at_end": os.getloadavg()[0],
-        },
+        "machine": machine(args.device),
         "settings": {**vars(args), "out": str(out), "hook": hook},
         "training": training.to_dict(orient="records"),
         "nces": nces.to_dict(orient="records"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     out.with_suffix(".md").write_text(
         "training (same runner, model, hook, tokens)\n\n"
         + training.to_markdown(index=False, floatfmt=".3g")

@@ -8,16 +8,13 @@ the end of the last one (activation generation between steps included; model loa
 activation-norm estimate and saving excluded); the whole ``train_sae`` call is reported too.
 Results go to ``evals/results/bench_training_<model>.json``; the target is causal >= 0.6x TopK.
 
-    python evals/bench_training.py                 # Gemma 3 270M, blocks.6.hook_resid_post
-    python evals/bench_training.py --model tiny    # in-process tiny model, seconds
+    python -m evals.benchmarks.training                # Gemma 3 270M, blocks.6.hook_resid_post
+    python -m evals.benchmarks.training --model tiny   # in-process tiny model, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,79 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens.training.sae_trainer import SAETrainer
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from csae_plugin.training import TrainSpec, train_sae
+from evals.common import (
+    HOOK,
+    MODEL,
+    RESULTS,
+    TINY_HOOK,
+    StepClock,
+    gemma_setup,
+    machine,
+    tiny_setup,
+    write_json,
+)
 
-RESULTS = Path(__file__).parent / "results"
 TARGET_RATIO = 0.6
-
-
-class StepClock:
-    """Times SAELens's training steps: first step's start to last step's end, their count, and
-    each step's seconds (``durations``: a one-off cost in the first step shows there)."""
-
-    def __enter__(self) -> StepClock:
-        self.first: float | None = None
-        self.last = 0.0
-        self.steps = 0
-        self.durations: list[float] = []
-        self._original = SAETrainer._train_step
-        clock = self
-
-        def timed(trainer: SAETrainer, *args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            if clock.first is None:
-                clock.first = start
-            out = clock._original(trainer, *args, **kwargs)
-            clock.last = time.perf_counter()
-            clock.durations.append(clock.last - start)
-            clock.steps += 1
-            return out
-
-        SAETrainer._train_step = timed  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        SAETrainer._train_step = self._original  # type: ignore[method-assign]
-
-    @property
-    def seconds(self) -> float:
-        return self.last - (self.first or self.last)
-
-
-def tiny_setup(context_size: int) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, int]:
-    """A 3-layer random model and random tokens (BOS = 0 first): a seconds-long smoke run."""
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=64,
-        n_heads=4,
-        d_head=16,
-        d_vocab=512,
-        n_ctx=context_size,
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-    )
-    model = HookedTransformer(cfg)
-    model.eval()
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, cfg.d_vocab, (512, context_size), generator=gen)
-    tokens[:, 0] = 0
-    return model, tokens[:448], tokens[448:], 0
-
-
-def gemma_setup(
-    device: str, context_size: int
-) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, int]:
-    """The embedded Gemma 3 270M and the embedded stdlib-documentation corpus."""
-    from csae_plugin.data import corpus_splits
-    from csae_plugin.models import load_model
-
-    model = load_model("gemma-3-270m", device=device)
-    splits = corpus_splits(model.tokenizer, context_size)
-    return model, splits.train, splits.eval, model.tokenizer.bos_token_id
 
 
 def timed_training(
@@ -146,7 +86,7 @@ def timed_training(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m", choices=["gemma-3-270m", "tiny"])
+    parser.add_argument("--model", default=MODEL, choices=[MODEL, "tiny"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hook", default=None, help="default blocks.6 (gemma) / blocks.1 (tiny)")
     parser.add_argument("--d-sae", type=int, default=None, help="default 2048 (gemma) / 256")
@@ -174,13 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     if args.model == "tiny":
-        model, train, evaluation, bos = tiny_setup(args.context_size)
+        model, train, evaluation, bos = tiny_setup(args.context_size, rows=512, eval_rows=64)
     else:
         model, train, evaluation, bos = gemma_setup(args.device, args.context_size)
     load_s = time.perf_counter() - start
-    hook = args.hook or (
-        "blocks.1.hook_resid_post" if args.model == "tiny" else "blocks.6.hook_resid_post"
-    )
+    hook = args.hook or (TINY_HOOK if args.model == "tiny" else HOOK)
     causal = {
         "activation": "topk",
         "lambda_kl": args.lambda_kl,
@@ -218,16 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = median_rate("causal") / median_rate("topk")
     result = {
         "benchmark": "training throughput: causal SAE (KL term) vs TopK SAE, same runner",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": args.device,
-            "python": platform.python_version(),
-            "load_average_1m_at_end": os.getloadavg()[0],
-        },
+        "machine": machine(args.device),
         "settings": {
             "model": args.model,
             "hook": hook,
@@ -258,9 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if "causal_verify" in specs:
         result["ratio_causal_verify_over_topk"] = median_rate("causal_verify") / median_rate("topk")
-    out = args.out or RESULTS / f"bench_training_{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out or RESULTS / f"bench_training_{args.model}.json", result)
     print(f"causal / topk throughput: {ratio:.3f} (target {TARGET_RATIO}); written to {out}")
     return result
 

@@ -1,8 +1,8 @@
 """Which NCES definition: score forms and nulls measured on the same raw effects.
 
-    python evals/nces_definition.py --sae demo_output/saes/causal_2048_k32 \
-        demo_output/saes/topk_2048_k32            # raw effects, then the analysis
-    python evals/nces_definition.py --analyse-only  # the analysis of the saved effects
+    python -m evals.study.nces_definition --sae demo_output/saes/causal_2048_k32 \
+        demo_output/saes/topk_2048_k32                  # raw effects, then the analysis
+    python -m evals.study.nces_definition --analyse-only  # the analysis of the saved effects
 
 For each dictionary (trained SAEs given with ``--sae``; random dictionaries of five shapes; the
 planted Fisher dictionary) the engine computes every latent's effect and its null effects under
@@ -19,8 +19,6 @@ latent, and the smallest effect ratio the settings verify). Writes ``summary.jso
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -39,8 +37,8 @@ from csae_plugin.evals.reference_saes import (
 )
 from csae_plugin.models import load_model
 from csae_plugin.saes.loading import load_sae_from_folder
+from evals.common import HOOK, MODEL, RESULTS, machine, write_json
 
-HOOK = "blocks.6.hook_resid_post"
 NULLS = ("matched", "matched_eigen")
 RANDOM = ("random_isotropic", "random_covariance", "random_mixture", *RANDOM_SHAPES)
 FDR = 0.05
@@ -49,7 +47,7 @@ FDR = 0.05
 def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sae", nargs="*", default=[], help="trained SAE folders")
-    parser.add_argument("--out", default="evals/results/nces_definition")
+    parser.add_argument("--out", type=Path, default=RESULTS / "nces_definition")
     parser.add_argument("--latents", type=int, default=16, help="latents per dictionary")
     parser.add_argument("--seqs-per-latent", type=int, default=8)
     parser.add_argument("--null-draws", type=int, default=8)
@@ -64,7 +62,7 @@ def arg_parser() -> argparse.ArgumentParser:
 
 def compute(args: argparse.Namespace, out: Path) -> None:
     torch.manual_seed(args.seed)
-    model = load_model("gemma-3-270m")
+    model = load_model(MODEL)
     splits = corpus_splits(model.tokenizer, args.context, seed=args.seed)
     eval_tokens = splits.eval[: args.n_eval_sequences]
     reference = splits.train[: args.n_reference_sequences]
@@ -221,20 +219,20 @@ def markdown(rows: list[dict[str, object]]) -> str:
 
 def main() -> None:
     args = arg_parser().parse_args()
-    out = Path(args.out)
+    out = args.out
     if not args.analyse_only:
         compute(args, out)
     rows = []
     for path in sorted((out / "effects").glob("*.npz")):
         rows += analyse(path.stem, dict(np.load(path)))
     summary = {
-        "produced_by": "python evals/nces_definition.py "
+        "produced_by": "python -m evals.study.nces_definition "
         + " ".join(f"--sae {s}" for s in args.sae),
         "settings": {k: v for k, v in vars(args).items() if k != "analyse_only"},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(),
         "rows": rows,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(markdown(rows))
     print(markdown(rows))
 

@@ -11,13 +11,19 @@ scored position), divided by this machine's matmul rate, measured twice: on the 
 own shape (rows x d_model x d_vocab, the bulk of the work) and on a square 2048^3 product (the
 machine's best). The engine's time over the floor says how much is left to gain.
 
-The SAE is a SAELens TopK SAE (k=32) initialised from data, not trained: each decoder row is
-a reference activation minus the mean activation, normalised, the encoder is its transpose,
-``b_dec`` is the mean activation. Every token then fires its k best-matching latents, so
-latents fire on realistic subsets of tokens. Only speed is measured here, not SAE quality.
+Two other measurements of the eval's cost run instead with ``--screen`` (the second-order
+screen of every latent of 2k- and 16k-latent SAEs: ``bench_screen_<device>.json``) and
+``--sharding`` (the exact eval in 1 process against N torch.distributed processes:
+``bench_sharding_<device>.json``).
 
-    python evals/bench_nces.py                  # Gemma 3 270M, blocks.6.hook_resid_post
-    python evals/bench_nces.py --model tiny     # in-process tiny model, seconds
+The SAE is a SAELens TopK SAE (k=32) initialised from data, not trained
+(:func:`evals.common.data_initialised_topk`): every token fires its k best-matching latents,
+so latents fire on realistic subsets of tokens. Only speed is measured here, not SAE quality.
+
+    python -m evals.benchmarks.nces                  # Gemma 3 270M, blocks.6.hook_resid_post
+    python -m evals.benchmarks.nces --model tiny     # in-process tiny model, seconds
+    python -m evals.benchmarks.nces --screen         # a few minutes on a 2-core CPU
+    python -m evals.benchmarks.nces --sharding       # 2 processes, 16 latents
 """
 
 from __future__ import annotations
@@ -25,129 +31,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import threading
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
-from sae_lens import TopKSAE, TopKSAEConfig
-from sae_lens.saes.sae import SAEMetadata
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from csae_plugin import causal as iv
 from csae_plugin.causal.inputs import capture_rows, prepare_inputs
 from csae_plugin.causal.interventions import intervened_positions
+from evals.common import (
+    HOOK,
+    MODEL,
+    RESULTS,
+    TINY_HOOK,
+    PeakRSS,
+    data_initialised_topk,
+    gemma_setup,
+    machine,
+    plain,
+    tiny_setup,
+    write_json,
+)
 
-RESULTS = Path(__file__).parent / "results"
+SCREEN_WIDTHS = (2048, 16384)
+"""Dictionary widths ``--screen`` times."""
+
 TARGET_SPEEDUP = 5.0
 TARGET_OVER_FLOOR = 1.3
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every few milliseconds."""
-
-    def __init__(self, interval_s: float = 0.005):
-        self.interval_s = interval_s
-        self.process = psutil.Process()
-        self.peak_bytes = 0
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.process.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval_s)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-        self.peak_bytes = self.peak - self.base
-
-
-def tiny_setup(context_size: int) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, int]:
-    """A 3-layer random model and random tokens (BOS = 0 first): a seconds-long smoke run."""
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=64,
-        n_heads=4,
-        d_head=16,
-        d_vocab=512,
-        n_ctx=max(context_size, 32),
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-    )
-    model = HookedTransformer(cfg)
-    model.eval()
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, cfg.d_vocab, (256, context_size), generator=gen)
-    tokens[:, 0] = 0
-    return model, tokens[:128], tokens[128:], 0
-
-
-def gemma_setup(
-    device: str, context_size: int
-) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, int]:
-    """The embedded Gemma 3 270M and the embedded stdlib-documentation corpus."""
-    from csae_plugin.data import corpus_splits
-    from csae_plugin.models import load_model
-
-    model = load_model("gemma-3-270m", device=device)
-    splits = corpus_splits(model.tokenizer, context_size)
-    return model, splits.train, splits.eval, model.tokenizer.bos_token_id
-
-
-def data_initialised_topk(
-    model: HookedTransformer,
-    hook: str,
-    tokens: torch.Tensor,
-    d_sae: int,
-    k: int,
-    seed: int = 0,
-) -> TopKSAE:
-    """A TopK SAE whose decoder rows are centred, normalised activations of ``tokens``."""
-    acts = []
-    with torch.no_grad():
-        for batch in tokens.to(model.cfg.device).split(8):
-            model.run_with_hooks(
-                batch,
-                return_type=None,
-                fwd_hooks=[(hook, lambda act, hook: acts.append(act.detach()))],
-            )
-    x = torch.cat(acts)
-    x = x.reshape(x.shape[0], x.shape[1], -1)[:, 1:].reshape(-1, x[0].numel() // x.shape[1])
-    if x.shape[0] < d_sae:
-        raise ValueError(
-            f"need at least d_sae={d_sae} tokens to initialise the SAE, got {x.shape[0]}"
-        )
-    mean = x.mean(0)
-    gen = torch.Generator().manual_seed(seed)
-    rows = x[torch.randperm(x.shape[0], generator=gen)[:d_sae]] - mean
-    w_dec = rows / rows.norm(dim=1, keepdim=True)
-    cfg = TopKSAEConfig(
-        d_in=x.shape[1],
-        d_sae=d_sae,
-        k=k,
-        device=str(model.cfg.device),
-        metadata=SAEMetadata(hook_name=hook),
-    )
-    sae = TopKSAE(cfg)
-    with torch.no_grad():
-        sae.W_dec.copy_(w_dec)
-        sae.W_enc.copy_(w_dec.T)
-        sae.b_enc.zero_()
-        sae.b_dec.copy_(mean)
-    return sae
 
 
 def run_naive(model, sae, tokens, effects, stats, seed, bos_token_id):
@@ -304,39 +219,18 @@ def differences(engine: np.ndarray, naive: np.ndarray) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m", choices=["gemma-3-270m", "tiny"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--hook", default=None, help="default blocks.6 (gemma) / blocks.1")
-    parser.add_argument("--n-latents", type=int, default=8, help="N (the engine also runs 2N)")
-    parser.add_argument("--seqs-per-latent", type=int, default=4)
-    parser.add_argument("--null-draws", type=int, default=4)
-    parser.add_argument("--context-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32, help="copies per tail forward")
-    parser.add_argument("--intervention", default="zero", choices=list(iv.INTERVENTIONS))
-    parser.add_argument("--d-sae", type=int, default=2048)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--reference-seqs", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument(
-        "--fast-naive",
-        action="store_true",
-        help="also time the naive reference with a copy-free unembedding (minutes more)",
-    )
-    args = parser.parse_args(argv)
+def setup(args: argparse.Namespace) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, int]:
     torch.manual_seed(args.seed)
-
-    start = time.perf_counter()
     if args.model == "tiny":
-        model, train, evaluation, bos = tiny_setup(args.context_size)
-    else:
-        model, train, evaluation, bos = gemma_setup(args.device, args.context_size)
-    default_hook = (
-        "blocks.1.hook_resid_post" if args.model == "tiny" else "blocks.6.hook_resid_post"
-    )
-    hook = args.hook or default_hook
+        return tiny_setup(args.context_size)
+    return gemma_setup(args.device, args.context_size)
+
+
+def bench_engine(args: argparse.Namespace) -> dict:
+    """The engine against the naive reference and the floor (the module's docstring)."""
+    start = time.perf_counter()
+    model, train, evaluation, bos = setup(args)
+    hook = args.hook or (TINY_HOOK if args.model == "tiny" else HOOK)
     load_s = time.perf_counter() - start
     reference = train[: args.reference_seqs]
     n_init = -(-2 * args.d_sae // (args.context_size - 1))  # twice d_sae non-BOS tokens
@@ -370,15 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     speedup = engine_rate / naive_rate
     result = {
         "benchmark": "NCES batched engine vs naive reference (one full hooked forward per variant)",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": args.device,
-            "python": platform.python_version(),
-        },
+        "machine": machine(args.device),
         "settings": {
             "model": args.model,
             "hook": hook,
@@ -455,11 +341,161 @@ def main(argv: list[str] | None = None) -> dict:
         f["engine_s_per_latent"] / f["floor_with_clean_s_per_latent_at_unembed_rate"]
     )
     f["target_over_floor"] = TARGET_OVER_FLOOR
-    suffix = "" if args.model == "gemma-3-270m" else f"_{args.model}"
-    out = args.out or RESULTS / f"bench_nces_{args.device}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    return result
+
+
+def bench_screen(args: argparse.Namespace) -> dict:
+    """The second-order screen's time for every latent of 2k- and 16k-latent data-initialised
+    TopK SAEs: 24 held-out sequences with 8 label samples, as ``latents='screen:N'`` reads by
+    default."""
+    from csae_plugin.causal.screen import nces_screen
+
+    model, train, evaluation, bos = setup(args)
+    hook = args.hook or (TINY_HOOK if args.model == "tiny" else HOOK)
+    rows = {}
+    for d_sae in SCREEN_WIDTHS:
+        n_init = -(-2 * d_sae // (args.context_size - 1))
+        sae = data_initialised_topk(model, hook, train[64 : 64 + n_init], d_sae, args.k)
+        stats = iv.reference_stats(model, sae, train[:32], bos_token_id=bos)
+        start = time.perf_counter()
+        screen = nces_screen(model, sae, evaluation[:24], stats, samples=8, bos_token_id=bos)
+        seconds = time.perf_counter() - start
+        rows[d_sae] = {
+            "seconds": seconds,
+            "latents_seen_firing": int((screen.n_sequences > 0).sum()),
+        }
+        print(d_sae, rows[d_sae], flush=True)
+    return {
+        "benchmark": "second-order screen of every latent (nces_screen), by dictionary width",
+        "machine": machine(args.device),
+        "settings": {
+            "model": args.model,
+            "hook": hook,
+            "sae": f"TopK k={args.k}, data-initialised (untrained)",
+            "sequences": 24,
+            "context": args.context_size,
+            "samples": 8,
+        },
+        "by_d_sae": rows,
+    }
+
+
+def bench_sharding(args: argparse.Namespace) -> dict:
+    """The exact NCES eval (``python -m csae_plugin.evals.nces.main``) once plainly (all of
+    torch's threads) and once under ``torchrun --nproc-per-node N`` (each process gets cores / N
+    threads), same SAE (data-initialised TopK), latents and settings: both wall times, the
+    speed-up and whether the per-latent results are identical (bitwise only where every process
+    runs the same number of threads, as in ``tests/test_shards.py``: here 1 process has all the
+    cores' threads and each of N has a share, so matrix products sum in another order)."""
+    if args.model != MODEL:
+        raise SystemExit("--sharding runs the eval's command line, on Gemma 3 270M only")
+    work = Path(tempfile.mkdtemp(prefix="bench_sharding_"))
+    model, train, _, _ = setup(args)
+    hook = args.hook or HOOK
+    n_init = -(-2 * args.d_sae // (args.context_size - 1))
+    sae = data_initialised_topk(model, hook, train[64 : 64 + n_init], args.d_sae, args.k)
+    sae.cfg.metadata.model_name = MODEL
+    sae.save_model(work / "sae")
+    del model
+    flags = ["--sae_paths", str(work / "sae"), "--model_name", MODEL]
+    flags += ["--latents", str(args.sharded_latents)]
+    flags += ["--latents_per_chunk", str(args.latents_per_chunk)]
+    flags += ["--null_draws", str(args.null_draws), "--seqs_per_latent", str(args.seqs_per_latent)]
+    flags += ["--context_size", str(args.context_size), "--n_eval_sequences", "64"]
+    flags += ["--n_reference_sequences", "32", "--device", args.device]
+    module = ["-m", "csae_plugin.evals.nces.main"]
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    one = run_command([sys.executable, *module, *flags, "--output_folder", str(work / "one")], env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.processes}"]
+    threads = max(1, (os.cpu_count() or 1) // args.processes)
+    many = run_command(
+        [*torchrun, *module, *flags, "--output_folder", str(work / "many")],
+        env | {"OMP_NUM_THREADS": str(threads)},
+    )
+    name = "local_sae_eval_results.json"
+    a = json.loads((work / "one" / name).read_text())["eval_result_details"]
+    b = json.loads((work / "many" / name).read_text())["eval_result_details"]
+    return {
+        "benchmark": "exact NCES eval, 1 process vs torchrun gloo processes, same work",
+        "machine": machine(args.device),
+        "settings": {
+            "processes": args.processes,
+            "latents": args.sharded_latents,
+            "latents_per_chunk": args.latents_per_chunk,
+            "model": MODEL,
+            "hook": hook,
+            "threads_per_process": threads,
+            "sae": f"TopK d_sae={args.d_sae} k={args.k}, data-initialised (untrained)",
+        },
+        "one_process_seconds": one,
+        "sharded_seconds": many,
+        "speedup": one / many,
+        "identical_per_latent_results": a == b,
+        "max_relative_difference_effect_kl": max(
+            abs(x["effect_kl"] - y["effect_kl"]) / abs(x["effect_kl"])
+            for x, y in zip(a, b, strict=True)
+            if x["effect_kl"]
+        ),
+        "note": "wall times include each process's start, model load and reference statistics",
+    }
+
+
+def run_command(command: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of ``command``; its output's tail if it fails."""
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(
+            f"{' '.join(command[:4])} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+        )
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=MODEL, choices=[MODEL, "tiny"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hook", default=None, help="default blocks.6 (gemma) / blocks.1")
+    parser.add_argument("--n-latents", type=int, default=8, help="N (the engine also runs 2N)")
+    parser.add_argument("--seqs-per-latent", type=int, default=4)
+    parser.add_argument("--null-draws", type=int, default=4)
+    parser.add_argument("--context-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32, help="copies per tail forward")
+    parser.add_argument("--intervention", default="zero", choices=list(iv.INTERVENTIONS))
+    parser.add_argument("--d-sae", type=int, default=2048)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--reference-seqs", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--fast-naive",
+        action="store_true",
+        help="also time the naive reference with a copy-free unembedding (minutes more)",
+    )
+    parser.add_argument(
+        "--screen",
+        action="store_true",
+        help="instead: time the second-order screen of every latent at d_sae "
+        + " and ".join(map(str, SCREEN_WIDTHS)),
+    )
+    parser.add_argument(
+        "--sharding",
+        action="store_true",
+        help="instead: the exact NCES eval in 1 process vs --processes torchrun processes",
+    )
+    parser.add_argument("--processes", type=int, default=2, help="--sharding's processes")
+    parser.add_argument("--sharded-latents", type=int, default=16, help="--sharding's latents")
+    parser.add_argument("--latents-per-chunk", type=int, default=4, help="--sharding's chunks")
+    args = parser.parse_args(argv)
+    if args.screen:
+        result, name = bench_screen(args), "bench_screen"
+    elif args.sharding:
+        result, name = bench_sharding(args), "bench_sharding"
+    else:
+        result, name = bench_engine(args), "bench_nces"
+    suffix = "" if args.model == MODEL else f"_{args.model}"
+    out = write_json(args.out or RESULTS / f"{name}_{args.device}{suffix}.json", result)
+    print(json.dumps(plain(result), indent=2))
     print(f"written to {out}")
     return result
 

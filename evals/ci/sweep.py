@@ -2,17 +2,18 @@
 
 Every SAE is trained the same way (same model, hook, width, training tokens, budget, learning
 rate; ``csae_plugin.training.train_sae``) and scored with SAEBench's ``core`` and the plugin's
-``nces`` eval on held-out tokens. Output, under ``--out`` (default ``evals/results/sweep_<preset>``):
-SAEBench-layout result files, ``table.csv`` / ``table.md`` / ``table.json`` (with machine and
-settings) and plots (L0 vs CE-loss score, L0 vs fraction verified, NCES distributions).
+``nces`` eval on held-out tokens. Output, under ``--out`` (default
+``evals/results/sweep_<preset>``): SAEBench-layout result files, ``table.csv`` / ``table.md`` /
+``table.json`` (with machine and settings) and plots (L0 vs CE-loss score, L0 vs fraction
+verified, NCES distributions).
 
-    python evals/sweep.py --preset cpu --calibrate-standard  # L1 per target L0, training tokens
-    python evals/sweep.py --preset cpu        # 5 architectures x 3 sparsities (CPU-sized)
-    python evals/sweep.py --preset cpu --ablate-interventions  # nces with mean/resample/steer
-    python evals/sweep.py --preset cpu --architectures causal --ks 32 --lambda-kl 0 \
+    python -m evals.ci.sweep --preset cpu --calibrate-standard  # L1 per target L0
+    python -m evals.ci.sweep --preset cpu     # 5 architectures x 3 sparsities (CPU-sized)
+    python -m evals.ci.sweep --preset cpu --ablate-interventions  # mean/resample/steer
+    python -m evals.ci.sweep --preset cpu --architectures causal --ks 32 --lambda-kl 0 \
         --out evals/results/sweep_cpu_no_kl   # a loss-term ablation
-    python evals/sweep.py --preset ci         # the CI subset: causal vs TopK at k = 32
-    python evals/sweep.py --preset full       # the same at 2048 latents and 100k tokens (GPU)
+    python -m evals.ci.sweep --preset ci      # the CI subset: causal vs TopK at k = 32
+    python -m evals.ci.sweep --preset full    # 2048 latents and 100k tokens (GPU)
 
 The standard (ReLU + L1) SAE has no L0 knob: ``--calibrate-standard`` trains it at a grid of
 L1 coefficients with the preset's budget, measures L0 on training tokens only, and writes
@@ -26,8 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,9 +37,8 @@ import torch
 from csae_plugin.data import CorpusSplits, corpus_splits
 from csae_plugin.models import hook_layer, load_model
 from csae_plugin.training import TrainSpec, train_sae
+from evals.common import HOOK, MODEL, RESULTS, machine, write_json
 
-RESULTS = Path(__file__).parent / "results"
-HOOK = "blocks.6.hook_resid_post"
 L1_GRID = (10.0, 20.0, 40.0, 80.0, 160.0)
 """L1 coefficients the standard SAE is calibrated on (geometric, wide: L0 falls steeply)."""
 
@@ -119,7 +117,7 @@ def standard_l1(preset_name: str, target_l0: float) -> float:
     if not path.is_file():
         raise SystemExit(
             f"no L1 calibration for the standard SAE at {path}; run "
-            f"python evals/sweep.py --preset {preset_name} --calibrate-standard"
+            f"python -m evals.ci.sweep --preset {preset_name} --calibrate-standard"
         )
     grid = sorted(
         (row["l0"], row["l1_coefficient"]) for row in json.loads(path.read_text())["grid"]
@@ -140,7 +138,7 @@ def calibrate_standard(preset_name: str, seed: int = 0, device: str = "cpu") -> 
     from tempfile import TemporaryDirectory
 
     preset = PRESETS[preset_name]
-    model = load_model("gemma-3-270m", device=device)
+    model = load_model(MODEL, device=device)
     splits = corpus_splits(model.tokenizer, 128, seed=seed)
     bos = model.tokenizer.bos_token_id
     probe = splits.train[: preset.n_eval_sequences, : preset.nces_context]
@@ -167,24 +165,14 @@ def calibrate_standard(preset_name: str, seed: int = 0, device: str = "cpu") -> 
         grid.append({"l1_coefficient": l1, "l0": float((acts > 0).sum(-1).float().mean())})
         print(f"[calibrate] l1 {l1:g}: L0 {grid[-1]['l0']:.1f} on training tokens", flush=True)
     result = {
-        "produced_by": f"python evals/sweep.py --preset {preset_name} --calibrate-standard",
+        "produced_by": f"python -m evals.ci.sweep --preset {preset_name} --calibrate-standard",
         "tokens": "training split only (first rows, first nces_context tokens, BOS excluded)",
         "settings": asdict(preset),
-        "machine": machine(),
+        "machine": machine(device),
         "grid": grid,
     }
-    calibration_path(preset_name).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(calibration_path(preset_name), result)
     return result
-
-
-def machine() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
 
 
 def score(
@@ -254,7 +242,7 @@ def run(
     preset = PRESETS[preset_name]
     started = time.perf_counter()
     specs = specs_of(preset_name, causal_overrides or {}, architectures, ks)
-    model = load_model("gemma-3-270m", device=device)
+    model = load_model(MODEL, device=device)
     splits = corpus_splits(model.tokenizer, 128, seed=seed)
     if tune:
         held_back = preset.n_eval_sequences
@@ -284,8 +272,7 @@ def run(
         context = getattr(runner.sae, "causal_context", None)
         if context is not None and context.history:
             # term 4's log: latents checked, verified and resampled at each verification
-            history = json.dumps(context.history, indent=2)
-            (out / f"verification_history_{spec.name}.json").write_text(history + "\n")
+            write_json(out / f"verification_history_{spec.name}.json", context.history)
     eval_dir = out / "eval_results"
     args = (model, splits, preset, eval_dir, intervention, seed, retrain, null)
     score(["core", "nces"], folders, *args)
@@ -299,26 +286,23 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv")
     (out / "table.md").write_text(table.to_markdown(floatfmt=".4g") + "\n")
-    (out / "table.json").write_text(
-        json.dumps(
-            {
-                "preset": preset_name,
-                "settings": {
-                    **asdict(preset),
-                    "intervention": intervention,
-                    "seed": seed,
-                    "train_seed": seed if train_seed is None else train_seed,
-                    "scored_on": "held-back training rows (--tune)" if tune else "eval split",
-                },
-                "causal_overrides": causal_overrides or {},
-                "hook": HOOK,
-                "machine": machine(),
-                "minutes": (time.perf_counter() - started) / 60,
-                "table": json.loads(table.to_json(orient="index")),
+    write_json(
+        out / "table.json",
+        {
+            "preset": preset_name,
+            "settings": {
+                **asdict(preset),
+                "intervention": intervention,
+                "seed": seed,
+                "train_seed": seed if train_seed is None else train_seed,
+                "scored_on": "held-back training rows (--tune)" if tune else "eval split",
             },
-            indent=2,
-        )
-        + "\n"
+            "causal_overrides": causal_overrides or {},
+            "hook": HOOK,
+            "machine": machine(device),
+            "minutes": (time.perf_counter() - started) / 60,
+            "table": json.loads(table.to_json(orient="index")),
+        },
     )
     plot_results(table, out / "plots", eval_dirs=[eval_dir])
     plot_verified(table, out / "plots" / "l0_vs_frac_verified.png")
@@ -511,7 +495,7 @@ def ablate_interventions(
         folders = [f for f in folders if int(f.name.rsplit("_k", 1)[1]) in ks]
     if not folders:
         raise SystemExit(f"no saved SAEs under {out / 'saes'}; run the sweep first")
-    model = load_model("gemma-3-270m", device=device)
+    model = load_model(MODEL, device=device)
     splits = corpus_splits(model.tokenizer, 128, seed=seed)
     frames = []
     for intervention in interventions:

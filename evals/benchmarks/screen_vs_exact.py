@@ -8,20 +8,17 @@ latent, as the demo). Reported: the screen's time, Spearman's rho between the sc
 exact effect and NCES, the screen/exact effect ratio (where the quadratic term under-predicts),
 and a scatter plot. Results: ``evals/results/screen_vs_exact_<device>.json`` and ``.png``.
 
-    python evals/screen_vs_exact.py                 # ~20 min on a 2-core CPU
+    python -m evals.benchmarks.screen_vs_exact      # ~20 min on a 2-core CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from sae_lens import SAE
 from scipy.stats import spearmanr
 
@@ -30,9 +27,7 @@ from csae_plugin.causal.screen import nces_screen
 from csae_plugin.data import corpus_splits
 from csae_plugin.models import load_model
 from csae_plugin.training import TrainSpec, train_sae
-
-RESULTS = Path(__file__).parent / "results"
-HOOK = "blocks.6.hook_resid_post"
+from evals.common import HOOK, MODEL, RESULTS, machine, write_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    model = load_model("gemma-3-270m", device=args.device)
+    model = load_model(MODEL, device=args.device)
     bos = model.tokenizer.bos_token_id
     splits = corpus_splits(model.tokenizer, 128, seed=args.seed)
     folder = args.sae
@@ -103,15 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     bins = np.digitize(exact_effect, quartiles)
     result = {
         "benchmark": "second-order screen (all latents) against the exact engine (a sample)",
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": args.device,
-        },
+        "machine": machine(args.device),
         "settings": {
-            "model": "gemma-3-270m",
+            "model": MODEL,
             "hook": HOOK,
             "sae": str(folder),
             "d_sae": sae.cfg.d_sae,
@@ -142,9 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         "screen_nces": screen.nces[latents].tolist(),
         "exact_nces": exact_nces.tolist(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"screen_vs_exact_{args.device}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(RESULTS / f"screen_vs_exact_{args.device}.json", result)
     plot(result, out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
     return result

@@ -13,12 +13,14 @@ causal SAE's KL term runs the model (on sequences of the same training set). Ste
 3. targeted probing (six concepts) on the causal and TopK SAEs of every seed.
 4. tables: one row per SAE, mean/sd over seeds, pooled verified fractions, and the goal check.
 
-    python evals/study.py                       # everything (~1.5 h on a 2-core CPU)
-    python evals/study.py --seeds 0 --no-probe  # one seed, no probing
-    python evals/study.py --tables-only         # rebuild tables from finished results
+    python -m evals.study.study                       # everything (~1.5 h on a 2-core CPU)
+    python -m evals.study.study --seeds 0 --no-probe  # one seed, no probing
+    python -m evals.study.study --tables-only         # rebuild tables from finished results
+    python -m evals.study.study --finetune            # the KL fine-tune study (issue 25)
 
-Results go to ``evals/results/study_cpu/`` (the activation cache and trained SAEs stay out of
-git: ``cache/`` and ``saes/`` are ignored).
+Results go to ``evals/results/study_cpu/`` (``--finetune``: ``evals/results/study_finetune/``,
+reading the activation cache of ``study_cpu``); the activation cache and trained SAEs stay out
+of git (``cache/`` and ``saes/`` are ignored).
 """
 
 from __future__ import annotations
@@ -33,20 +35,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sweep import (  # evals/ is on sys.path when this runs as a script
-    HOOK,
-    PRESETS,
-    machine,
-    null_table,
-    save_references,
-    score,
-)
 
 from csae_plugin.data import corpus_splits
 from csae_plugin.models import load_model
 from csae_plugin.training import TrainSpec, cache_activations, train_sae
+from evals.ci.sweep import PRESETS, null_table, save_references, score
+from evals.common import HOOK, MODEL, RESULTS, StepClock, machine, write_json
 
-RESULTS = Path(__file__).parent / "results"
 PRESET = PRESETS["cpu"]  # width 1024, scoring settings of the earlier study
 K = 32
 STEPS = 400
@@ -89,8 +84,6 @@ def specs(seed: int, equal_steps: int) -> list[tuple[str, TrainSpec, int]]:
 
 def measure_rates(model, tokens, bos, out: Path, causal: dict, path: Path) -> dict:
     """Steps/s of TopK and causal trained through the model (no cache), same runner."""
-    from bench_training import StepClock
-
     if path.is_file():
         return json.loads(path.read_text())
     rates, first_step, later = {}, {}, {}
@@ -125,7 +118,7 @@ def measure_rates(model, tokens, bos, out: Path, causal: dict, path: Path) -> di
         "causal_settings": causal,
         "machine": machine(),
     }
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     return result
 
 
@@ -150,7 +143,7 @@ def train_one(
         cached_activations_path=cache,
     )
     seconds = time.perf_counter() - t0
-    (folder / "train_seconds.json").write_text(json.dumps(seconds) + "\n")
+    write_json(folder / "train_seconds.json", seconds)
     print(f"[study] trained {name} ({steps} steps) in {seconds:.0f} s", flush=True)
     return folder
 
@@ -183,7 +176,7 @@ def probe(model, splits, folders: list[Path], out: Path) -> None:
             "summary": result.summary,
             "concepts": result.concepts.to_dict(orient="records"),
         }
-        path.write_text(json.dumps(done, indent=2, default=float) + "\n")
+        write_json(path, done)
         print(f"[study] probed {folder.name}: {result.summary}", flush=True)
 
 
@@ -329,10 +322,11 @@ def probing_table(path: Path) -> str:
         row["consistent"] = (
             f"{sum(bool(c['consistent']) for c in r['concepts'])} / {len(r['concepts'])}"
         )
-        row["mean [95% CI]"] = (
-            f"{s['difference_mean']:.3f} [{s['difference_mean_ci_low']:.3f}, "
-            f"{s['difference_mean_ci_high']:.3f}]"
+        mean, low, high = (
+            float("nan") if s[key] is None else s[key]  # NaN is written as null
+            for key in ("difference_mean", "difference_mean_ci_low", "difference_mean_ci_high")
         )
+        row["mean [95% CI]"] = f"{mean:.3f} [{low:.3f}, {high:.3f}]"
         rows.append(row)
     return pd.DataFrame(rows).set_index("sae").to_markdown(floatfmt=".3f")
 
@@ -424,7 +418,7 @@ def kl_step_measure(model, splits, bos: int, folder: Path, path: Path) -> dict:
         "sae": folder.name,
         "machine": machine(),
     }
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     print(f"[finetune] KL step: {result}", flush=True)
     return result
 
@@ -452,7 +446,7 @@ def calibrate_standard_l1(model, train, cache, bos, out: Path, eval_tokens) -> f
     ys = np.log([g["l1_coefficient"] for g in grid])
     order = np.argsort(xs)
     l1 = float(np.exp(np.interp(np.log(K), xs[order], ys[order])))
-    path.write_text(json.dumps({"grid": grid, "l1_coefficient": l1, "target_l0": K}, indent=2))
+    write_json(path, {"grid": grid, "l1_coefficient": l1, "target_l0": K})
     return l1
 
 
@@ -485,7 +479,7 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
             pilots[folder.name] = metrics["model_performance_preservation"]["ce_loss_score"]
         best = max(FINETUNE_LAMBDAS, key=lambda lam: pilots[f"pilot{lam:g}_s{PILOT_SEED}"])
         settings |= {"pilot_ce_loss_score": pilots, "lambda_kl": best}
-        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_json(settings_path, settings)
     causal = TrainSpec("causal", PRESET.d_sae, K, {**FINETUNE, "lambda_kl": settings["lambda_kl"]})
     causal0 = train_one(model, train, cache, bos, "causal_s0", causal, STEPS, 0, out)
     if "equal_compute_topk_steps" not in settings:
@@ -499,7 +493,7 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
             "ratio_causal_over_topk_whole": whole["causal_s0"] / whole["topk_s0"],
             "equal_compute_topk_steps": math.ceil(STEPS * whole["causal_s0"] / whole["topk_s0"]),
         }
-        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_json(settings_path, settings)
     equal = settings["equal_compute_topk_steps"]
     l1 = calibrate_standard_l1(model, train, cache, bos, out, splits.eval[:16])
     for seed in seeds:
@@ -560,9 +554,7 @@ def finetune_tables(out: Path, settings: dict) -> str:
             line += f"; below the equal-compute TopK's ({e:.4f}): {c < e}"
         lines.append(line)
     block = "\n".join(lines) + "\n"
-    (out / "goal.json").write_text(
-        json.dumps({"goal": FINETUNE_GOAL, "gaps": gaps, "settings": settings}, indent=2) + "\n"
-    )
+    write_json(out / "goal.json", {"goal": FINETUNE_GOAL, "gaps": gaps, "settings": settings})
     with (out / "summary.md").open("a") as f:
         f.write("\n" + block)
     return text + "\n" + block
@@ -588,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.perf_counter()
     torch.set_grad_enabled(True)
-    model = load_model("gemma-3-270m")
+    model = load_model(MODEL)
     splits = corpus_splits(model.tokenizer, 128, seed=0)
     bos = model.tokenizer.bos_token_id
     train = splits.train[: splits.train.shape[0] // 8 * 8]
@@ -607,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     settings = {
-        "model": "gemma-3-270m",
+        "model": MODEL,
         "hook": HOOK,
         "d_sae": PRESET.d_sae,
         "k": K,
@@ -628,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
         "goal": GOAL,
         "machine": machine(),
     }
-    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(out / "settings.json", settings)
     eval_dir = out / "eval_results"
     score_args = (model, splits, PRESET, eval_dir, "zero", 0)
     for seed in args.seeds:
