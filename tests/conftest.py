@@ -64,7 +64,7 @@ def tiny_world(monkeypatch) -> list[str]:
     """Route ``sae_bench``'s model and token loading to the tiny model and 12 + 12 token rows
     (it has no tokenizer); the list records the names of the models loaded."""
     from csae_plugin import models
-    from csae_plugin.evals.nces import main as nces_main
+    from csae_plugin.evals import tokens
 
     loads = []
 
@@ -76,7 +76,7 @@ def tiny_world(monkeypatch) -> list[str]:
         return make_tokens(12, seed=1), make_tokens(12, seed=2)
 
     monkeypatch.setattr(models, "load_model", load_model)
-    monkeypatch.setattr(nces_main, "load_tokens", load_tokens)
+    monkeypatch.setattr(tokens, "load_tokens", load_tokens)
     return loads
 
 

@@ -70,10 +70,10 @@ def scored(kind: str, null: str = "matched") -> dict[str, dict[str, float]]:
         n_bootstrap=500,
         random_seed=0,
     )
-    _, details = nces_main.evaluate_sae(
+    result = nces_main.evaluate_sae(
         model, sae, eval_tokens, reference_tokens, config, progress=False
     )
-    return details.attrs["metrics_by_null"]
+    return result.metrics_by_null
 
 
 @pytest.mark.slow

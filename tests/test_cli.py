@@ -17,6 +17,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
 from csae_plugin import CausalTrainingSAE, CausalTrainingSAEConfig, cli, models
+from csae_plugin.evals import tokens
 from csae_plugin.evals.nces import main as nces_main
 from csae_plugin.evals.nces.eval_output import NCESEvalOutput
 
@@ -155,7 +156,7 @@ def test_c2_bad_inputs_exit_2_with_one_line(
         monkeypatch.setattr(models, "load_model", lambda name, device="cpu", dtype="float32": model)
     elif case == "zero_tokens":
         empty = torch.zeros((0, 16), dtype=torch.long)
-        monkeypatch.setattr(nces_main, "load_tokens", lambda model, config: (empty, empty))
+        monkeypatch.setattr(tokens, "load_tokens", lambda model, config: (empty, empty))
     argv = ["run", *FAST, *[item for pair in args.items() for item in pair]]
     assert cli.main(argv) == 2
     assert needle in one_error_line(capsys)
@@ -267,7 +268,7 @@ def test_c7_llm_dtype_is_passed_to_the_model_loader(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(
-        nces_main, "load_tokens", lambda model, config: (make_tokens(12, 1), make_tokens(12, 2))
+        tokens, "load_tokens", lambda model, config: (make_tokens(12, 1), make_tokens(12, 2))
     )
     sae = str(save_standard(tmp_path / "sae"))
     argv = ["run", "--eval", "nces", "--sae", sae, "--output-dir", str(tmp_path / "out"), *FAST]
@@ -289,7 +290,7 @@ def test_c8_model_defaults_to_the_saes_own(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(
-        nces_main, "load_tokens", lambda model, config: (make_tokens(12, 1), make_tokens(12, 2))
+        tokens, "load_tokens", lambda model, config: (make_tokens(12, 1), make_tokens(12, 2))
     )
     folders = []
     for name, model_name in (("a", "tiny-x"), ("b", "tiny-x"), ("c", "tiny-y")):

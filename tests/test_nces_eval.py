@@ -142,12 +142,16 @@ def test_e5_existing_results_are_skipped_unless_forced(tmp_path, monkeypatch):
 # E6. evaluate_sae is the file's content without the files
 def test_e6_evaluate_sae_matches_the_written_metrics(tmp_path):
     model, sae, config = make_tiny_model(), tiny_sae(), tiny_config()
-    metrics, details = nces_main.evaluate_sae(
+    result = nces_main.evaluate_sae(
         model, sae, make_tokens(12, seed=1), make_tokens(12, seed=2), config, progress=False
     )
     written = run(tmp_path, sae, config)["tiny/release_custom_sae"]
-    assert metrics == pytest.approx(written["eval_result_metrics"]["nces"])
-    assert list(details["latent"]) == config.latents
+    assert result.metrics == pytest.approx(written["eval_result_metrics"]["nces"])
+    for null, metrics in result.metrics_by_null.items():
+        assert metrics == pytest.approx(written["eval_result_metrics"][f"nces_{null}"])
+    assert list(result.details["latent"]) == config.latents
+    metrics, details = result  # unpacks as the (metrics, details) pair of 0.3.0
+    assert metrics == result.metrics and details is result.details
 
 
 # E7. bad inputs fail up front with one line and leave no result file

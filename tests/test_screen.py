@@ -86,7 +86,7 @@ def test_screen_refuses_what_it_cannot_estimate():
 
 
 def test_stratified_sample_spans_the_screen_and_gives_every_latent_the_same_chance():
-    from csae_plugin.evals.nces.main import resolve_latents, stratified_by_screen
+    from csae_plugin.evals.nces.selection import resolve_latents, stratified_by_screen
 
     scores = np.r_[np.linspace(0.1, 5, 90), [np.nan] * 10]  # 10 never fired on the screen
     rng = np.random.default_rng(0)

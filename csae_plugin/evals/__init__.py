@@ -2,8 +2,9 @@
 ``core`` (SAEBench's core eval run on a model and tokens handed in, so no hub is needed).
 
 This module holds the small plumbing both share: the one-line input error, SAEBench's result
-file naming, an atomic JSON writer that turns NaN into ``null``, and argparse flags generated
-from an eval config dataclass (as SAEBench's parsers list their config fields).
+file naming and resume rule (:func:`pending_result`), an atomic JSON writer that turns NaN into
+``null``, and argparse flags generated from an eval config dataclass (as SAEBench's parsers
+list their config fields). The token rows both run on are loaded by :mod:`.tokens`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ def results_path(output_path: str | Path, release: str, sae_id: str) -> Path:
     The same name as ``sae_bench.sae_bench_utils.general_utils.get_results_filepath``.
     """
     return Path(output_path) / f"{release}_{sae_id}{RESULTS_SUFFIX}".replace("/", "_")
+
+
+def pending_result(
+    output_path: str | Path, release: str, sae_id: str, force_rerun: bool = False, say: bool = True
+) -> Path | None:
+    """The result file to write for ``release``/``sae_id`` under ``output_path``, or ``None``
+    when it exists and ``force_rerun`` is off: SAEBench's resume rule, said as SAEBench says
+    it unless ``say`` is off (the one skip-if-exists check of core, nces and the API)."""
+    path = results_path(output_path, release, sae_id)
+    if path.exists() and not force_rerun:
+        if say:
+            print(f"Skipping {release}_{sae_id} as results already exist")
+        return None
+    return path
 
 
 def json_safe(obj: Any) -> Any:

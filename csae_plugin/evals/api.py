@@ -23,7 +23,13 @@ import pandas as pd
 import csae_plugin  # noqa: F401  (registers the "causal" architecture with SAELens)
 from csae_plugin import models
 from csae_plugin._compat import no_progress_bars
-from csae_plugin.evals import RESULTS_SUFFIX, EvalInputError, results_path, validate_inputs
+from csae_plugin.evals import (
+    RESULTS_SUFFIX,
+    EvalInputError,
+    pending_result,
+    results_path,
+    validate_inputs,
+)
 from csae_plugin.evals.nces.eval_config import EMBEDDED_DATASET, NCESEvalConfig
 from csae_plugin.models import EMBEDDED_MODEL
 
@@ -81,7 +87,7 @@ def evaluate_saes(
     result is missing, and every SAE is checked against them before any eval starts.
     ``model_kwargs`` go to the model loader (the SAEs' ``model_from_pretrained_kwargs``).
     """
-    from csae_plugin.evals.nces import main as nces_main
+    from csae_plugin.evals.tokens import eval_and_reference_tokens
     from csae_plugin.saes.loading import load_sae
 
     names = check_evals(evals)
@@ -99,7 +105,9 @@ def evaluate_saes(
             _check_latents(nces_config, sae.cfg.d_sae, sae_name(release, sae_id))
     pending = []
     for sae, release, sae_id in saes:
-        todo = [e for e in names if force_rerun or not _done(out, e, release, sae_id)]
+        todo = [
+            e for e in names if pending_result(out / e, release, sae_id, force_rerun, say=False)
+        ]
         for skipped in (e for e in names if e not in todo):
             path = results_path(out / skipped, release, sae_id)
             wanted = _settings(skipped, nces_config, eval_tokens, reference_tokens)
@@ -125,17 +133,9 @@ def evaluate_saes(
                     dtype=nces_config.llm_dtype,
                     **(model_kwargs or {}),
                 )
-        if nces_config.context_size > model.cfg.n_ctx and eval_tokens is None:
-            raise EvalInputError(
-                f"context_size {nces_config.context_size} is longer than model "
-                f"{nces_config.model_name}'s n_ctx={model.cfg.n_ctx} positions; pass "
-                f"--context-size {model.cfg.n_ctx} or less"
-            )
-        if eval_tokens is None or reference_tokens is None:
-            with contextlib.nullcontext() if progress else no_progress_bars():
-                loaded_eval, loaded_reference = nces_main.load_tokens(model, nces_config)
-            eval_tokens = loaded_eval if eval_tokens is None else eval_tokens
-            reference_tokens = loaded_reference if reference_tokens is None else reference_tokens
+        eval_tokens, reference_tokens = eval_and_reference_tokens(
+            model, nces_config, eval_tokens, reference_tokens, progress=progress
+        )
         for sae, *_ in pending:
             validate_inputs(model, sae, eval_tokens, reference_tokens)
         # the result files record the tokens actually used, not the config's defaults
@@ -487,10 +487,6 @@ def _other_settings(path: Path, wanted: dict[str, Any]) -> str:
     return "; ".join(changed)
 
 
-def _done(out: Path, eval_name: str, release: str, sae_id: str) -> bool:
-    return results_path(out / eval_name, release, sae_id).exists()
-
-
 def _check_unique(names: list[tuple[str, str]]) -> None:
     seen = set()
     for release, sae_id in names:
@@ -506,14 +502,12 @@ def _check_unique(names: list[tuple[str, str]]) -> None:
 def _check_latents(config: NCESEvalConfig, d_sae: int, name: str) -> None:
     """A latent list the SAE cannot score (an index past ``d_sae``, one listed twice) is
     refused before the model loads."""
-    from csae_plugin.evals.nces.main import resolve_latents, select_latents
+    from csae_plugin.evals.nces.selection import check_latents
 
-    spec = resolve_latents(config.latents, d_sae)
-    if isinstance(spec, list):
-        try:
-            select_latents(spec, d_sae, config.random_seed)
-        except EvalInputError as err:
-            raise EvalInputError(f"SAE {name}: {err}") from None
+    try:
+        check_latents(config, d_sae)
+    except EvalInputError as err:
+        raise EvalInputError(f"SAE {name}: {err}") from None
 
 
 def _say(message: str, progress: bool) -> None:

@@ -39,7 +39,7 @@ from transformer_lens import HookedTransformer
 from csae_plugin._compat import quiet_library_notices
 from csae_plugin.causal.tail import stop_after_hook
 from csae_plugin.data import as_hf_dataset
-from csae_plugin.evals import atomic_path, results_path, sae_bench_version, validate_inputs
+from csae_plugin.evals import atomic_path, pending_result, sae_bench_version, validate_inputs
 
 EVAL_TYPE_ID_CORE = "core"
 
@@ -123,9 +123,8 @@ def run_core(
     The SAE's config gets SAEBench's v5-style fields (``load_and_format_sae``), and its
     ``model_name`` from the model when it has none.
     """
-    path = results_path(output_path, release, sae_id)
-    if path.exists() and not force_rerun:
-        print(f"Skipping {release}_{sae_id} as results already exist")
+    path = pending_result(output_path, release, sae_id, force_rerun)
+    if path is None:
         return None
     validate_inputs(model, sae, tokens)
     if sae.cfg.metadata.model_name is None:

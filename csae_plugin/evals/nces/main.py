@@ -4,124 +4,66 @@
 contract: for each selected SAE, write ``<output_path>/<release>_<sae_id>_eval_results.json``
 unless it already exists. Results are written atomically, so the SAE is the resume unit: an
 interrupted run leaves the finished SAEs' files and no partial one, and a rerun skips them.
-
-Evaluation sequences come from the corpus's held-out split (``data.corpus_splits(...).eval``),
-reference sequences (null covariance, mean/resample/steer values) from its training split.
+Which latents are scored: :mod:`.selection`; the tokens: :mod:`csae_plugin.evals.tokens`.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
-from sae_bench.sae_bench_utils import get_eval_uuid, get_sae_lens_version
+from sae_bench.sae_bench_utils import get_eval_uuid
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from csae_plugin import models
 from csae_plugin.causal import LatentEffects, latent_effects, reference_stats
 from csae_plugin.causal.engine import estimate_seconds
-from csae_plugin.causal.nces import effects_details, nces_metrics, null_view
-from csae_plugin.causal.screen import SCREEN_INTERVENTIONS, nces_screen
-from csae_plugin.data import corpus_splits
-from csae_plugin.evals import (
-    EvalInputError,
-    add_config_arguments,
-    config_from_args,
-    json_safe,
-    results_path,
-    sae_bench_version,
-    validate_inputs,
-    write_json_atomic,
-)
+from csae_plugin.causal.nces import effects_details
+from csae_plugin.evals import config_from_args, pending_result, validate_inputs, write_json_atomic
 from csae_plugin.evals.nces import shards
-from csae_plugin.evals.nces.eval_config import EMBEDDED_DATASET, NCESEvalConfig
-from csae_plugin.evals.nces.eval_output import (
-    NCESEvalOutput,
-    NCESLatentDetail,
-    NCESMetricCategories,
-    NCESMetrics,
+from csae_plugin.evals.nces.arguments import (
+    CUSTOM_SAE_ID,
+    RUNTIME_ARGUMENTS,
+    arg_parser,
+    cli_arg_parser,
+    load_selected,
+    sae_id_of,
+    selected_saes,
 )
-from csae_plugin.saes.loading import load_sae, load_sae_from_folder
+from csae_plugin.evals.nces.eval_config import NCESEvalConfig
+from csae_plugin.evals.nces.result import NCESResult, eval_output
+from csae_plugin.evals.nces.selection import (
+    AUTO_ALL_MAX,
+    AUTO_SCREENED,
+    choose_latents,
+    resolve_latents,
+    select_latents,
+    stratified_by_screen,
+)
+from csae_plugin.evals.tokens import eval_and_reference_tokens, load_tokens
 
-CUSTOM_SAE_ID = "custom_sae"
-"""SAEBench's ``sae_id`` for an SAE passed in as an object (its result file name)."""
-
-
-AUTO_ALL_MAX = 512
-"""``latents='auto'`` scores every latent up to this many, else ``screen:AUTO_SCREENED``."""
-
-AUTO_SCREENED = 256
-
-
-def select_latents(latents: str | int | list[int], d_sae: int, seed: int) -> np.ndarray:
-    """The latent indices to evaluate: all, a seeded random subset of a count, or a list (each
-    index once, below ``d_sae``; a one-line error otherwise)."""
-    if latents == "all":
-        return np.arange(d_sae)
-    if isinstance(latents, int):
-        if latents >= d_sae:
-            return np.arange(d_sae)
-        rng = np.random.default_rng(seed)
-        return np.sort(rng.choice(d_sae, size=latents, replace=False))
-    ids = np.asarray(latents, dtype=np.int64)
-    if ids.min() < 0 or ids.max() >= d_sae:
-        raise EvalInputError(
-            f"latent index {int(ids.max())} out of range: the SAE has d_sae={d_sae} latents; "
-            f"pass indices from 0 to {d_sae - 1}"
-        )
-    values, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        repeated = int(np.argmax(counts > 1))
-        raise EvalInputError(
-            f"latent {int(values[repeated])} is listed {int(counts[repeated])} times in "
-            "latents; list each latent once"
-        )
-    return ids
-
-
-def resolve_latents(latents: str | int | list[int], d_sae: int) -> str | int | list[int]:
-    """``'auto'`` made concrete for an SAE of ``d_sae`` latents; anything else unchanged."""
-    if latents != "auto":
-        return latents
-    return "all" if d_sae <= AUTO_ALL_MAX else f"screen:{AUTO_SCREENED}"
-
-
-def stratified_by_screen(scores: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``n`` latents, one drawn uniformly from each of ``n`` equal strata of the latents
-    ordered by ``scores`` (NaN, never fired on the screened tokens, last): every latent has
-    the same chance n / d_sae, so per-SAE fractions over the sample stay unbiased, and the
-    sample spans the screen's range."""
-    d_sae = len(scores)
-    if n >= d_sae:
-        return np.arange(d_sae)
-    order = np.argsort(np.where(np.isnan(scores), np.inf, scores), kind="stable")
-    rng = np.random.default_rng(seed)
-    return np.sort([rng.choice(stratum) for stratum in np.array_split(order, n)])
-
-
-def load_tokens(
-    model: HookedTransformer, config: NCESEvalConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(evaluation, reference) token rows for ``config`` from the model's tokenizer.
-
-    Evaluation: the first ``n_eval_sequences`` of the held-out split; reference: the first
-    ``n_reference_sequences`` of the training split (both splits are already shuffled).
-    """
-    if model.tokenizer is None:
-        raise EvalInputError(
-            f"model {model.cfg.model_name} has no tokenizer; pass eval_tokens and "
-            "reference_tokens as token tensors"
-        )
-    dataset = None if config.dataset == EMBEDDED_DATASET else config.dataset
-    splits = corpus_splits(model.tokenizer, config.context_size, dataset=dataset)
-    return splits.eval[: config.n_eval_sequences], splits.train[: config.n_reference_sequences]
+__all__ = [  # with the names that moved out, still importable from here
+    "AUTO_ALL_MAX",
+    "AUTO_SCREENED",
+    "CUSTOM_SAE_ID",
+    "NCESResult",
+    "RUNTIME_ARGUMENTS",
+    "arg_parser",
+    "cli_arg_parser",
+    "eval_output",
+    "evaluate_and_save",
+    "evaluate_sae",
+    "load_tokens",
+    "resolve_latents",
+    "run_eval",
+    "select_latents",
+    "stratified_by_screen",
+]
 
 
 def evaluate_sae(
@@ -134,10 +76,10 @@ def evaluate_sae(
     *,
     bos_token_id: int | None = None,
     work_dir: str | Path | None = None,
-) -> tuple[dict[str, Any], pd.DataFrame] | None:
-    """NCES of ``sae``'s latents: flat metrics (``NCESMetrics`` fields) and per-latent details.
-
-    The metrics are the first null's; ``details.attrs["metrics_by_null"]`` holds each null's.
+) -> NCESResult | None:
+    """NCES of ``sae``'s latents (:class:`~csae_plugin.evals.nces.result.NCESResult`: per-latent
+    details and each null's flat metrics), on the latents ``config.latents`` picks
+    (:mod:`.selection`).
 
     ``bos_token_id`` defaults to the model tokenizer's; a BOS at position 0 is never
     intervened on nor scored. Token rows longer than ``config.context_size`` are cut to it
@@ -148,8 +90,6 @@ def evaluate_sae(
     chunks are shared among the ranks; only rank 0 gets the result (the others ``None``).
     """
     eval_tokens = eval_tokens[:, : config.context_size]
-    d_sae = sae.cfg.d_sae
-    spec = resolve_latents(config.latents, d_sae)
     with torch.no_grad():
         stats = reference_stats(
             model,
@@ -160,45 +100,24 @@ def evaluate_sae(
             bos_token_id=bos_token_id,
             progress=progress,
         )
-    screen = None
-    if isinstance(spec, str) and spec.startswith("screen:"):
-        screen = nces_screen(
+    chosen = choose_latents(
+        model, sae, eval_tokens, stats, config, bos_token_id=bos_token_id, progress=progress
+    )
+    latents = chosen.latents
+    if progress:
+        seconds = estimate_seconds(
             model,
             sae,
-            eval_tokens[: config.screen_sequences],
-            stats,
-            intervention=config.intervention
-            if config.intervention in SCREEN_INTERVENTIONS
-            else "zero",
-            null=config.engine_nulls[0],
-            samples=config.screen_samples,
-            alpha=config.steer_alpha,
-            seed=config.random_seed,
-            bos_token_id=bos_token_id,
-            progress=progress,
-        )
-        latents = stratified_by_screen(screen.nces, int(spec.split(":")[1]), config.random_seed)
-        how = f"drawn across the screen's range ({spec}; the screen scored all {d_sae})"
-    else:
-        latents = select_latents(spec, d_sae, config.random_seed)
-        how = "all" if spec == "all" else "as asked"
-    if progress:
-        seconds = (
-            estimate_seconds(
-                model,
-                sae,
-                eval_tokens,
-                len(latents),
-                config.seqs_per_latent,
-                1 + len(config.engine_nulls) * config.null_draws,
-                config.copy_batch_size,
-                bos_token_id,
-            )
-            / shards.rank_and_world()[1]
+            eval_tokens,
+            len(latents),
+            config.seqs_per_latent,
+            1 + len(config.engine_nulls) * config.null_draws,
+            config.copy_batch_size,
+            bos_token_id,
         )
         print(
-            f"[nces] scoring {len(latents)} of {d_sae} latents exactly ({how}); "
-            f"estimated at most {seconds / 60:.1f} min here",
+            f"[nces] scoring {len(latents)} of {sae.cfg.d_sae} latents exactly ({chosen.how}); "
+            f"estimated at most {seconds / shards.rank_and_world()[1] / 60:.1f} min here",
             flush=True,
         )
     with torch.no_grad():
@@ -212,6 +131,7 @@ def evaluate_sae(
             latents.tolist(),
             bos_token_id,
         )
+        budget = None if config.memory_budget_mb is None else config.memory_budget_mb * 2**20
 
         def compute(ids: np.ndarray) -> LatentEffects:
             return latent_effects(
@@ -229,9 +149,7 @@ def evaluate_sae(
                 bos_token_id=bos_token_id,
                 progress=progress and len(ids) == len(latents),
                 null=config.engine_nulls,
-                memory_budget_bytes=(
-                    None if config.memory_budget_mb is None else config.memory_budget_mb * 2**20
-                ),
+                memory_budget_bytes=budget,
             )
 
         effects = shards.chunked_effects(
@@ -248,62 +166,8 @@ def evaluate_sae(
         n_resamples=config.n_bootstrap,
         seed=config.random_seed,
     )
-    weights = stats.mean_act.cpu().numpy()
-    shared = {
-        "intervention": config.intervention,
-        "null_draws": config.null_draws,
-        "nces_definition": config.nces_definition,
-    }
-    by_null = {
-        null: nces_metrics(
-            null_view(details, null),
-            weights,
-            n_resamples=config.n_bootstrap,
-            seed=config.random_seed,
-        )
-        | shared
-        | {"null": null}
-        for null in config.nulls
-    }
-    details.attrs["metrics_by_null"] = by_null
-    if screen is not None:
-        details.attrs["screen"] = screen.as_dict()
-    return dict(by_null[config.nulls[0]]), details
-
-
-def eval_output(
-    config: NCESEvalConfig,
-    sae: SAE,
-    release: str,
-    sae_id: str,
-    metrics: dict[str, Any],
-    details: pd.DataFrame,
-    eval_id: str | None = None,
-) -> NCESEvalOutput:
-    """The SAEBench output object for one SAE (NaN and inf become ``None``)."""
-    return NCESEvalOutput(
-        eval_config=config,
-        eval_id=eval_id or get_eval_uuid(),
-        datetime_epoch_millis=int(time.time() * 1000),
-        eval_result_metrics=NCESMetricCategories(
-            nces=NCESMetrics(**json_safe(metrics)),
-            **{
-                f"nces_{null}": NCESMetrics(**json_safe(values))
-                for null, values in details.attrs.get("metrics_by_null", {}).items()
-            },
-        ),
-        eval_result_details=[
-            NCESLatentDetail(**row) for row in json_safe(details.to_dict("records"))
-        ],
-        eval_result_unstructured=(
-            {"screen": json_safe(details.attrs["screen"])} if "screen" in details.attrs else None
-        ),
-        sae_bench_commit_hash=sae_bench_version(),
-        sae_lens_id=sae_id,
-        sae_lens_release_id=release,
-        sae_lens_version=get_sae_lens_version(),
-        sae_cfg_dict=sae.cfg.to_dict(),
-    )
+    screen = None if chosen.screen is None else chosen.screen.as_dict()
+    return NCESResult.from_details(details, stats.mean_act.cpu().numpy(), config, screen)
 
 
 def evaluate_and_save(
@@ -322,14 +186,13 @@ def evaluate_and_save(
     eval_id: str | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate one SAE and write its result file; ``None`` if it exists and not forced."""
-    path = results_path(output_path, release, sae_id)
-    if path.exists() and not force_rerun:
-        print(f"Skipping {release}_{sae_id} as results already exist")
+    path = pending_result(output_path, release, sae_id, force_rerun)
+    if path is None:
         return None
     validate_inputs(model, sae, eval_tokens, reference_tokens)
     work_dir = path.with_name(f".{path.stem}.chunks")
     with shards.exclusive(work_dir):  # a second run on this result refuses
-        scored = evaluate_sae(
+        result = evaluate_sae(
             model,
             sae,
             eval_tokens,
@@ -339,15 +202,14 @@ def evaluate_and_save(
             bos_token_id=bos_token_id,
             work_dir=work_dir,
         )
-        if scored is None:  # not rank 0
+        if result is None:  # not rank 0
             shards.barrier()
             return None
-        metrics, details = scored
-        result = asdict(eval_output(config, sae, release, sae_id, metrics, details, eval_id))
-        write_json_atomic(path, result)
+        written = asdict(eval_output(config, sae, release, sae_id, result, eval_id))
+        write_json_atomic(path, written)
         shards.remove_chunks(work_dir)  # only now: an interrupt before keeps them
     shards.barrier()  # every rank sees the result before moving on
-    return result
+    return written
 
 
 def run_eval(
@@ -369,29 +231,24 @@ def run_eval(
     has no result yet.
     """
     Path(output_path).mkdir(parents=True, exist_ok=True)
-    todo = []
-    for release, sae_or_id in selected_saes:
-        sae_id = _sae_id(sae_or_id)
-        if results_path(output_path, release, sae_id).exists() and not force_rerun:
-            print(f"Skipping {release}_{sae_id} as results already exist")
-            continue
-        todo.append((release, sae_id, sae_or_id))
+    todo = [
+        (release, sae_id_of(sae_or_id), sae_or_id)
+        for release, sae_or_id in selected_saes
+        if pending_result(output_path, release, sae_id_of(sae_or_id), force_rerun) is not None
+    ]
     if not todo:
         return {}
     if model is None:
         model = models.load_model(config.model_name, device=device, dtype=config.llm_dtype)
-    if eval_tokens is None or reference_tokens is None:
-        loaded_eval, loaded_reference = load_tokens(model, config)
-        eval_tokens = loaded_eval if eval_tokens is None else eval_tokens
-        reference_tokens = loaded_reference if reference_tokens is None else reference_tokens
+    eval_tokens, reference_tokens = eval_and_reference_tokens(
+        model, config, eval_tokens, reference_tokens
+    )
     eval_id = get_eval_uuid()
-    results = {}
-    for release, sae_id, sae_or_id in todo:
-        sae = _load(release, sae_or_id, model.cfg.device)
-        result = evaluate_and_save(
+    return {
+        f"{release}_{sae_id}": evaluate_and_save(
             config,
             model,
-            sae,
+            load_selected(release, sae_or_id, model.cfg.device),
             release,
             sae_id,
             output_path,
@@ -400,67 +257,8 @@ def run_eval(
             force_rerun=True,
             eval_id=eval_id,
         )
-        results[f"{release}_{sae_id}"] = result
-    return results
-
-
-def _sae_id(sae_or_id: str | SAE) -> str:
-    """The ``sae_id`` naming the result: SAEBench's for objects, the folder name for folders."""
-    if isinstance(sae_or_id, SAE):
-        return CUSTOM_SAE_ID
-    folder = Path(sae_or_id).expanduser()
-    return folder.resolve().name if folder.is_dir() else sae_or_id
-
-
-def _load(release: str, sae_or_id: str | SAE, device: str) -> SAE:
-    if isinstance(sae_or_id, SAE):
-        return sae_or_id.to(device)
-    folder = Path(sae_or_id).expanduser()
-    if folder.is_dir():
-        return load_sae_from_folder(folder, device=device)
-    return load_sae(f"{release}:{sae_or_id}", device=device)[0]
-
-
-def arg_parser() -> argparse.ArgumentParser:
-    """SAEBench's eval CLI contract, nothing more: its common arguments (SAEs by SAELens regex,
-    output folder, force rerun) and one flag per config field, so SAEBench's
-    ``validate_eval_cli_interface(arg_parser(), NCESEvalConfig)`` passes. The command line
-    (:func:`cli_arg_parser`) adds two arguments that set no result."""
-    parser = argparse.ArgumentParser(description="Run the NCES causal-effect evaluation")
-    _add_contract_arguments(parser)
-    return parser
-
-
-RUNTIME_ARGUMENTS = ("sae_paths", "device")
-"""What ``python -m csae_plugin.evals.nces.main`` takes beyond SAEBench's contract: which SAEs
-(saved folders, beside the regex) and where to run; neither is recorded in the result."""
-
-
-def cli_arg_parser() -> argparse.ArgumentParser:
-    """:func:`arg_parser` and :data:`RUNTIME_ARGUMENTS`: the parser of ``python -m``."""
-    parser = argparse.ArgumentParser(description="Run the NCES causal-effect evaluation")
-    _add_contract_arguments(parser)
-    parser.add_argument("--sae_paths", "--sae", nargs="+", default=[], help="Saved SAE folders")
-    parser.add_argument("--device", default=None, help="Device (default: cuda if available)")
-    return parser
-
-
-def _add_contract_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--sae_regex_pattern",
-        "--sae-regex-pattern",
-        help="Regex pattern for SAELens release names (with --sae_block_pattern)",
-    )
-    parser.add_argument(
-        "--sae_block_pattern", "--sae-block-pattern", help="Regex pattern for SAELens SAE ids"
-    )
-    parser.add_argument(
-        "--output_folder", "--output-dir", default="eval_results/nces", help="Output folder"
-    )
-    parser.add_argument(
-        "--force_rerun", "--force-rerun", action="store_true", help="Force rerun of experiments"
-    )
-    add_config_arguments(parser, NCESEvalConfig)
+        for release, sae_id, sae_or_id in todo
+    }
 
 
 if __name__ == "__main__":
@@ -469,14 +267,10 @@ if __name__ == "__main__":
         --model_name gemma-3-270m --latents 64 --null_draws 8
     """
     from sae_bench.sae_bench_utils.general_utils import setup_environment
-    from sae_bench.sae_bench_utils.sae_selection_utils import get_saes_from_regex
 
     args = cli_arg_parser().parse_args()
     device = shards.init_from_env(args.device or setup_environment())
     config = config_from_args(NCESEvalConfig, args)
-    selected: list[tuple[str, str | SAE]] = [("local", path) for path in args.sae_paths]
-    if args.sae_regex_pattern:
-        selected += get_saes_from_regex(args.sae_regex_pattern, args.sae_block_pattern or ".*")
     start_time = time.time()
-    run_eval(config, selected, device, args.output_folder, args.force_rerun)
+    run_eval(config, selected_saes(args), device, args.output_folder, args.force_rerun)
     print(f"Finished evaluation in {time.time() - start_time:.1f} seconds")
