@@ -1,12 +1,11 @@
-"""The one-shot GPU check script's CPU-testable parts, and the engine's device hygiene."""
+"""The one-shot GPU check's (``evals/gpu/``) CPU-testable parts, and the engine's device
+hygiene."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,21 +15,17 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from csae_plugin import causal as iv
-
-SCRIPT = Path(__file__).resolve().parents[1] / "evals" / "gpu_check.py"
+from evals.gpu.stages_engine import compare_values
+from evals.gpu.stages_setup import MODEL_CONFIG
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    saved = dict(os.environ)  # the script sets offline variables for itself: not for the tests
+    saved = dict(os.environ)  # the check sets offline variables for itself: not for the tests
     try:
-        spec.loader.exec_module(module)
+        return importlib.import_module("evals.gpu.check")
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    return module
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA failure")
@@ -46,20 +41,18 @@ def test_cuda_requested_without_cuda_fails_loudly(tmp_path, capsys):
 
 
 def test_compare_uses_relative_tolerance_and_missing_pattern():
-    gpu_check = load_script()
     cpu = np.array([[1e-2, 2e-3], [np.nan, 5e-4]])
-    close = gpu_check._compare(cpu * (1 + 5e-4), cpu)
+    close = compare_values(cpu * (1 + 5e-4), cpu)
     assert close["allclose"] and close["same_missing"] and close["max_rel"] < 1e-3
-    assert not gpu_check._compare(cpu * (1 + 2e-3), cpu)["allclose"]
+    assert not compare_values(cpu * (1 + 2e-3), cpu)["allclose"]
     shifted = cpu.copy()
     shifted[1, 0] = 1.0
-    assert not gpu_check._compare(shifted, cpu)["allclose"]
-    assert gpu_check._compare([1.0, 2.0], [1.0, None])["same_missing"] is False
+    assert not compare_values(shifted, cpu)["allclose"]
+    assert compare_values([1.0, 2.0], [1.0, None])["same_missing"] is False
 
 
 def test_random_model_config_is_gemma3_270m():
-    gpu_check = load_script()
-    cfg = json.loads(gpu_check.MODEL_CONFIG.read_text())
+    cfg = json.loads(MODEL_CONFIG.read_text())
     assert cfg["architectures"] == ["Gemma3ForCausalLM"]
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]) == (18, 640, 262144)
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Build .devbundle/: what evals/gpu_check.py needs on the GPU machine beyond its image (no
-# network there; see evals/GPU_CHECK.md). Wheels for Python 3.12 (cp312 where compiled), a
+# Build .devbundle/: what the GPU check (python -m evals.gpu.check) needs on the GPU machine
+# beyond its image (no network there; see evals/gpu/README.md). Wheels for Python 3.12 (cp312 where compiled), a
 # stand-in for wandb (sae-lens imports it; the check never logs to it), and Gemma 3's tokenizer
 # (xz-packed, from the embedded model's cache; built on first use of the embedded model).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 BUNDLE=.devbundle
 rm -rf "$BUNDLE"
