@@ -113,10 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     args = arg_parser().parse_args(argv)
     out = writable_dir(args.output_dir)
     started = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        """Close the running stage: its seconds go to ``stages`` under ``name``."""
+        stages[name] = time.perf_counter() - started - sum(stages.values())
+
     print(f"[demo] loading {args.model} ...", flush=True)
     model = load_model(args.model, device=args.device)
     check_hook(model, args.hook)
+    stage("load model")
     splits = corpus_splits(model.tokenizer, args.context_size, seed=args.seed, dataset=args.dataset)
+    stage("corpus")
     bos = getattr(model.tokenizer, "bos_token_id", None)
     special = [bos] if bos is not None else None
     print(
@@ -148,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         model, args.hook, train_rows, out / "activation_cache", device=args.device
     )
     cache_seconds = time.perf_counter() - t0
+    stage("cache activations")
     folders = []
     train_seconds = {}
     for spec in specs:
@@ -169,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         # each SAE's share of the one pass of the model that cached the activations
         train_seconds[spec.name] = time.perf_counter() - t0 + cache_seconds / len(specs)
         folders.append(folder)
+        stage(f"train {spec.architecture}")
     shutil.rmtree(cache)  # ~2.6 kB per token: not worth keeping in the results folder
 
     nces = {
@@ -197,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     score(["core", "nces"], folders, args.latents)
+    stage("score (core, nces)")
     ran = {folder.name for folder in folders}
     if args.reference_latents > 0:
         from csae_plugin.evals.reference_saes import save_reference_saes
@@ -213,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             bos_token_id=bos,
         )
+        stage("build reference dictionaries")
         score(["nces"], references, args.reference_latents)
         ran |= {Path(folder).name for folder in references}
+        stage("score reference dictionaries")
     # this run's SAEs only, not results an earlier run left in the same folder
     table = load_results([out / "eval_results"])
     table = table.loc[[name for name in table.index if name in ran]]
@@ -225,20 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     columns = (*SUMMARY_COLUMNS, "n_scored", "n_live", "train_seconds")
     summary = table[[c for c in columns if c in table.columns]]
     summary.to_csv(out / "comparison.csv")
+    plot_results(table, out / "plots", eval_dirs=[out / "eval_results"])
+    stage("tables and plots")
     (out / "comparison.json").write_text(
         json.dumps(
             {
                 "settings": vars(args),
                 "machine": _machine(),
                 "minutes": (time.perf_counter() - started) / 60,
+                "stage_seconds": stages,
                 "table": json.loads(summary.to_json(orient="index")),
             },
             indent=2,
         )
         + "\n"
     )
-    plot_results(table, out / "plots", eval_dirs=[out / "eval_results"])
     print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
+    print("[demo] stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
     print(f"[demo] done in {(time.perf_counter() - started) / 60:.1f} min; results in {out}")
     return 0
 

@@ -37,7 +37,12 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
     assert 0 < table.loc["topk_64_k4", "l0"] <= 4 and table.loc[references, "l0"].isna().all()
     assert {"nces_geomean", "frac_verified", "mean_effect_kl", "n_live"} <= set(table.columns)
     assert not (tmp_path / "activation_cache").exists()  # both SAEs trained from it, then gone
-    settings = json.loads((tmp_path / "comparison.json").read_text())["settings"]
+    written = json.loads((tmp_path / "comparison.json").read_text())
+    settings, stages = written["settings"], written["stage_seconds"]
+    # every stage timed, and together they are the run
+    assert {"load model", "cache activations", "train causal", "train topk"} <= set(stages)
+    assert {"score (core, nces)", "score reference dictionaries"} <= set(stages)
+    assert sum(stages.values()) <= written["minutes"] * 60 <= sum(stages.values()) + 1
     assert settings["reference_latents"] == 3
     assert settings["kl_estimator"] == "fisher"
 
