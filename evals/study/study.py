@@ -130,7 +130,7 @@ def train_one(
     folder = out / "saes" / name
     if (folder / "cfg.json").is_file():
         return folder
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     train_sae(
         model,
         HOOK,
@@ -144,6 +144,8 @@ def train_one(
     )
     seconds = time.perf_counter() - t0
     write_json(folder / "train_seconds.json", seconds)
+    # CPU seconds of this process: what the run costs, little moved by other jobs on the machine
+    write_json(folder / "train_cpu_seconds.json", time.process_time() - cpu0)
     print(f"[study] trained {name} ({steps} steps) in {seconds:.0f} s", flush=True)
     return folder
 
@@ -360,9 +362,9 @@ FINETUNE = {
     "kl_dtype": "bfloat16",
 }
 """The KL phase: the last 5% of steps (20 of 400), each with the exact KL at every position of
-32 whole sequences (4,064 scored positions) beside the MSE; ``lambda_kl`` is chosen among
-:data:`FINETUNE_LAMBDAS` on the pilot seed's CE-loss score, never on a reported seed."""
-FINETUNE_LAMBDAS = (1.0, 4.0)
+32 whole sequences (4,064 scored positions) beside the MSE, at ``lambda_kl`` 4 (fixed before
+the runs: no pilot, a KL step cost ~2 min of this CPU shared with other jobs)."""
+FINETUNE_LAMBDAS = (4.0,)
 PILOT_SEED = 9
 HELD_OUT_SEQUENCES = 64
 """Held-out sequences whose KL gradient the KL step's gradient is compared with."""
@@ -423,6 +425,17 @@ def kl_step_measure(model, splits, bos: int, folder: Path, path: Path) -> dict:
     return result
 
 
+def cache_cpu_seconds(model, train, rows: int = 256) -> float:
+    """CPU seconds of caching all of ``train``'s activations (the one pass of the model every
+    SAE's training needs), from caching its first ``rows`` rows (cost is linear in tokens)."""
+    from tempfile import TemporaryDirectory
+
+    with TemporaryDirectory() as tmp:
+        cpu0 = time.process_time()
+        cache_activations(model, HOOK, train[:rows], Path(tmp) / "cache")
+        return (time.process_time() - cpu0) * train.shape[0] / rows
+
+
 def calibrate_standard_l1(model, train, cache, bos, out: Path, eval_tokens) -> float:
     """The standard SAE's L1 coefficient for L0 32 at this budget: three trainings from the
     cache, log L1 against log L0 (held-out tokens, BOS excluded) interpolated."""
@@ -456,13 +469,16 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
     cache = cache_activations(model, HOOK, train, RESULTS / "study_cpu" / "cache")
     settings_path = out / "settings.json"
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-    if "cache_seconds" not in settings:
-        raise SystemExit(f"write the caching run's seconds as cache_seconds in {settings_path}")
+    if "cache_cpu_seconds" not in settings:
+        settings["cache_cpu_seconds"] = cache_cpu_seconds(model, train)
+        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
     eval_dir = out / "eval_results"
     score_args = (model, splits, PRESET, eval_dir, "zero", 0)
     topk = TrainSpec("topk", PRESET.d_sae, K)
     topk0 = train_one(model, train, cache, bos, "topk_s0", topk, STEPS, 0, out)
     kl_step_measure(model, splits, bos, topk0, out / "kl_step.json")
+    if "lambda_kl" not in settings and len(FINETUNE_LAMBDAS) == 1:
+        settings["lambda_kl"] = FINETUNE_LAMBDAS[0]
     if "lambda_kl" not in settings:
         pilots = {}
         folders = [
@@ -484,34 +500,45 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
     causal0 = train_one(model, train, cache, bos, "causal_s0", causal, STEPS, 0, out)
     if "equal_compute_topk_steps" not in settings:
         seconds = {
-            f.name: json.loads((f / "train_seconds.json").read_text()) for f in (topk0, causal0)
+            f.name: json.loads((f / "train_cpu_seconds.json").read_text()) for f in (topk0, causal0)
         }
-        whole = {n: settings["cache_seconds"] + s for n, s in seconds.items()}
+        whole = {n: settings["cache_cpu_seconds"] + s for n, s in seconds.items()}
         settings |= {
-            "train_seconds_from_cache_seed0": seconds,
-            "whole_training_seconds_seed0": whole,
+            "train_cpu_seconds_from_cache_seed0": seconds,
+            "whole_training_cpu_seconds_seed0": whole,
             "ratio_causal_over_topk_whole": whole["causal_s0"] / whole["topk_s0"],
             "equal_compute_topk_steps": math.ceil(STEPS * whole["causal_s0"] / whole["topk_s0"]),
         }
         write_json(settings_path, settings)
     equal = settings["equal_compute_topk_steps"]
     l1 = calibrate_standard_l1(model, train, cache, bos, out, splits.eval[:16])
-    for seed in seeds:
-        rows = [
-            ("topk", topk, STEPS),
-            ("causal", causal, STEPS),
-            ("topkequal", topk, equal),
-            ("batchtopk", TrainSpec("batchtopk", PRESET.d_sae, K), STEPS),
-            ("jumprelu", TrainSpec("jumprelu", PRESET.d_sae, K), STEPS),
-            ("standard", TrainSpec("standard", PRESET.d_sae, 0, {"l1_coefficient": l1}), STEPS),
-        ]
-        folders = [
+    rows = [
+        ("topk", topk, STEPS),
+        ("causal", causal, STEPS),
+        ("topkequal", topk, equal),
+        ("batchtopk", TrainSpec("batchtopk", PRESET.d_sae, K), STEPS),
+        ("jumprelu", TrainSpec("jumprelu", PRESET.d_sae, K), STEPS),
+        ("standard", TrainSpec("standard", PRESET.d_sae, 0, {"l1_coefficient": l1}), STEPS),
+    ]
+
+    def trained(names: tuple[str, ...], seed: int) -> list[Path]:
+        return [
             train_one(model, train, cache, bos, f"{name}_s{seed}", spec, steps, seed, out)
             for name, spec, steps in rows
+            if name in names
         ]
-        score(["core"], folders, *score_args)
+
+    # the goal's SAEs first (core on every seed), then the other baselines, then NCES
+    goal_saes = ("topk", "causal", "topkequal")
+    for seed in seeds:
+        score(["core"], trained(goal_saes, seed), *score_args)
         finetune_tables(out, settings)
-        score(["nces"], folders, *score_args)
+    others = tuple(name for name, _, _ in rows if name not in goal_saes)
+    for seed in seeds:
+        score(["core"], trained(others, seed), *score_args)
+        finetune_tables(out, settings)
+    for seed in seeds:
+        score(["nces"], trained(goal_saes + others, seed), *score_args)
         finetune_tables(out, settings)
     if probe_saes:
         probe(
@@ -526,8 +553,16 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
 def finetune_tables(out: Path, settings: dict) -> str:
     """The study's tables (:func:`tables`) plus the fine-tune goal's check: CE-loss and
     KL-div gaps per seed and their means, causal against TopK and the equal-compute TopK."""
-    text = tables(out)
-    table = pd.read_csv(out / "table.csv", index_col=0)
+    from csae_plugin.evals.api import load_results
+
+    if any((out / "eval_results" / "nces").glob("*_eval_results.json")):
+        text = tables(out)
+        table = pd.read_csv(out / "table.csv", index_col=0)
+    else:  # core only so far
+        table = load_results([out / "eval_results"])
+        table.index = [i.removeprefix("local_") for i in table.index]
+        table["architecture"] = [i.rsplit("_s", 1)[0] for i in table.index]
+        text = table.to_markdown(floatfmt=".4g")
     lines = [f"## Fine-tune goal ({FINETUNE_GOAL})", ""]
     gaps = {}
     for arch in ("causal", "topk", "topkequal"):
