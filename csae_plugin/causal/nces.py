@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
+from csae_plugin.causal.bootstrap import bootstrap_interval
+
 DEFINITIONS = ("0.3.0", "0.2.0")
 """NCES definitions: ``0.3.0`` (geometric-mean ratio, exchangeable direction test; the
 default) and ``0.2.0`` (ratio of sums, kept so old results can be compared)."""
@@ -344,40 +346,13 @@ def bootstrap_ci(
     out = np.full((effect.shape[0], 2), np.nan)
     for i in range(effect.shape[0]):
         keep = ~np.isnan(effect[i])
-        if keep.sum() < 2:
-            continue
         data = (effect[i, keep], null_mean[i, keep])
-        for method in ("BCa", "percentile"):
-            low, high = _bootstrap(data, method, confidence_level, n_resamples, rng)
-            if np.isfinite(low) and np.isfinite(high):
-                out[i] = low, high
-                break
+        out[i] = bootstrap_interval(data, _ratio_of_sums, confidence_level, n_resamples, rng)
     return out
 
 
-def _bootstrap(
-    data: tuple[np.ndarray, np.ndarray],
-    method: str,
-    confidence_level: float,
-    n_resamples: int,
-    rng: np.random.Generator,
-) -> tuple[float, float]:
-    def statistic(e: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
-        return e.sum(axis=axis) / n.sum(axis=axis)
-
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore")
-        result = stats.bootstrap(
-            data,
-            statistic,
-            paired=True,
-            vectorized=True,
-            n_resamples=n_resamples,
-            confidence_level=confidence_level,
-            method=method,
-            random_state=rng,
-        )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+def _ratio_of_sums(e: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
+    return e.sum(axis=axis) / n.sum(axis=axis)
 
 
 def nces_metrics(
@@ -481,21 +456,6 @@ def bootstrap_ci_of(
     drawn. NaN below 2 values.
     """
     values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return np.nan, np.nan
-    rng = np.random.default_rng(seed)
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-            warnings.simplefilter("ignore")
-            result = stats.bootstrap(
-                (values,),
-                statistic,
-                n_resamples=n_resamples,
-                confidence_level=confidence_level,
-                method=method,
-                random_state=rng,
-            )
-        low, high = result.confidence_interval.low, result.confidence_interval.high
-        if np.isfinite(low) and np.isfinite(high):
-            return float(low), float(high)
-    return np.nan, np.nan
+    return bootstrap_interval(
+        (values,), statistic, confidence_level, n_resamples, np.random.default_rng(seed)
+    )

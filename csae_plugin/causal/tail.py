@@ -3,12 +3,13 @@
 Every causal measurement here changes the activation x at the SAE's hook and runs the rest of
 the model. This module is the one home of that: which hooks a tail can start from and where
 (:func:`parse_hook`, :func:`plan_hook`, :func:`plan_for_sae`), the input checks behind them
-(the hook exists, has the SAE's width, the SAE reconstructs the activation it reads), the
-clean capture at the hook (:func:`capture`), the forward from there to the final normalised
-residual with TransformerLens's attention mask (:func:`run_tail`), the logits
-(:func:`logits`) and the KL reduction, in float32 and one chunk of positions at a time
-(:func:`kl_rows`, :func:`mean_kl`). The intervention engine, the causal SAE's KL term,
-verification and probing all call it; it imports nothing from the rest of the package.
+(the hook exists, :func:`check_hook_exists`; has the SAE's width; the SAE reconstructs the
+activation it reads), the clean capture at the hook (:func:`capture`; at any hook,
+:func:`activations_at`), the forward from there to the final normalised residual with
+TransformerLens's attention mask (:func:`run_tail`), the logits (:func:`logits`) and the KL
+reduction, in float32 and one chunk of positions at a time (:func:`kl_rows`, :func:`mean_kl`).
+The intervention engine, the causal SAE's KL term, verification, probing and the evals all
+call it; it imports nothing from the rest of the package.
 """
 
 from __future__ import annotations
@@ -103,15 +104,37 @@ def parse_hook(hook_name: str) -> HookPlan:
 
 
 def check_hook_exists(model: HookedTransformer, hook_name: str) -> None:
-    """Raise a one-line ``ValueError`` naming the model's layers unless ``hook_name`` is one of
-    its hook points."""
-    if hook_name not in model.hook_dict:
-        layers = model.cfg.n_layers
-        raise ValueError(
-            f"hook {hook_name!r} is not in the model ({layers} layers, blocks.0-{layers - 1}); "
-            "use a name from model.hook_dict, e.g. "
-            f"{block_hook_name(layers // 2, 'hook_resid_post')!r}"
-        )
+    """Raise a one-line ``ValueError`` naming the model's layers and a hook of the same kind
+    that it has (:func:`suggested_hook`) unless ``hook_name`` is one of its hook points."""
+    if hook_name in model.hook_dict:
+        return
+    layers = model.cfg.n_layers
+    raise ValueError(
+        f"hook {hook_name!r} is not in the model ({layers} layers: blocks.0-{layers - 1} of "
+        f"{model.cfg.model_name}); use a name from model.hook_dict, e.g. "
+        f"{suggested_hook(model, hook_name)!r}"
+    )
+
+
+def suggested_hook(model: HookedTransformer, hook_name: str) -> str:
+    """``hook_name``'s kind of hook at a layer a third of the way in (resid_post if the model
+    has no such hook there)."""
+    layer = model.cfg.n_layers // 3
+    candidate = block_hook_name(layer, split_hook_name(hook_name)[1])
+    return candidate if candidate in model.hook_dict else block_hook_name(layer, "hook_resid_post")
+
+
+@torch.no_grad()
+def activations_at(model: HookedTransformer, hook_name: str, tokens: torch.Tensor) -> torch.Tensor:
+    """The clean activation at any hook ``hook_name`` for ``tokens`` [b, T], as the model
+    computes it [b, T, ...], from a forward that stops after the hook's block."""
+    _, cache = model.run_with_cache(
+        tokens.to(model.cfg.device),
+        names_filter=[hook_name],
+        stop_at_layer=stop_after_hook(hook_name),
+        return_type=None,
+    )
+    return cache[hook_name]
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from csae_plugin.causal.tail import check_model_matches_sae, stop_after_hook
+from csae_plugin.causal.tail import activations_at, check_model_matches_sae
 from csae_plugin.saes.loading import SAELoadError, check_sae_weights
 
 if TYPE_CHECKING:
@@ -157,14 +157,7 @@ def validate_inputs(
                 f"{model.cfg.model_name}'s n_ctx={model.cfg.n_ctx}; pass shorter rows "
                 f"(--context-size {model.cfg.n_ctx} or less)"
             )
-    with torch.no_grad():
-        _, cache = model.run_with_cache(
-            eval_tokens[:2].to(model.cfg.device),
-            names_filter=[hook_name],
-            stop_at_layer=stop_after_hook(hook_name),
-            return_type=None,
-        )
-    if not torch.isfinite(cache[hook_name]).all():
+    if not torch.isfinite(activations_at(model, hook_name, eval_tokens[:2])).all():
         raise EvalInputError(
             f"model {model.cfg.model_name} produced NaN activations at {hook_name!r}; "
             "check the model's weights and dtype"

@@ -37,7 +37,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens import HookedTransformer
 
 from csae_plugin._compat import quiet_library_notices
-from csae_plugin.causal.tail import stop_after_hook
+from csae_plugin.causal.tail import activations_at
 from csae_plugin.data import as_hf_dataset
 from csae_plugin.evals import atomic_path, pending_result, sae_bench_version, validate_inputs
 
@@ -206,14 +206,8 @@ def explained_variance(
     ignore = torch.tensor(sorted(ignore_tokens), dtype=torch.long)
     n, total, total_sq, resid_sq = 0, 0.0, 0.0, 0.0
     for rows in tokens.split(batch_size):
-        _, cache = model.run_with_cache(
-            rows.to(model.cfg.device),
-            names_filter=[hook],
-            stop_at_layer=stop_after_hook(hook),
-            return_type=None,
-        )
         keep = ~torch.isin(rows, ignore.to(rows.device))
-        x = cache[hook].flatten(2)[keep.to(model.cfg.device)].to(sae.dtype)
+        x = activations_at(model, hook, rows).flatten(2)[keep.to(model.cfg.device)].to(sae.dtype)
         x_hat = sae.decode(sae.encode(x))
         x, x_hat = x.double(), x_hat.double()
         n += x.shape[0]

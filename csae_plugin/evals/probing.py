@@ -23,17 +23,17 @@ joint bootstrap of the evaluation sequences. Works for any SAELens SAE (``encode
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from sae_lens import SAE
-from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from csae_plugin.causal.bootstrap import bootstrap_interval
 from csae_plugin.causal.tail import (
     HookPlan,
     capture,
@@ -379,7 +379,7 @@ def consistency_table(
             ratio_ci = _percentile_ci(
                 drop_ratio(p[idx].mean(-1), r[idx].mean(-1)), confidence_level
             )
-        diff_ci = _bootstrap_ci((p, r), _mean_difference, confidence_level, n_resamples, seed)
+        diff_ci = bootstrap_interval((p, r), _mean_difference, confidence_level, n_resamples, seed)
         empty = len(p) == 0
         rows.append(
             {
@@ -482,35 +482,6 @@ def _percentile_ci(
 
 def _mean_difference(p: np.ndarray, r: np.ndarray, axis: int = -1) -> np.ndarray:
     return (p - r).mean(axis=axis)
-
-
-def _bootstrap_ci(
-    data: tuple[np.ndarray, ...],
-    statistic: Callable[..., np.ndarray],
-    confidence_level: float,
-    n_resamples: int,
-    seed: int,
-) -> tuple[float, float]:
-    """Paired bootstrap CI over sequences: BCa, percentile where BCa is degenerate; NaN below 2."""
-    if len(data[0]) < 2:
-        return np.nan, np.nan
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-            warnings.simplefilter("ignore")
-            result = scipy_stats.bootstrap(
-                data,
-                statistic,
-                paired=True,
-                vectorized=True,
-                n_resamples=n_resamples,
-                confidence_level=confidence_level,
-                method=method,
-                random_state=np.random.default_rng(seed),
-            )
-        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-        if np.isfinite(low) and np.isfinite(high):
-            return low, high
-    return np.nan, np.nan
 
 
 def _cohens_d(

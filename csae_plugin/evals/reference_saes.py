@@ -32,7 +32,7 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer
 
-from csae_plugin.causal.tail import stop_after_hook
+from csae_plugin.causal.tail import activations_at, check_hook_exists
 from csae_plugin.training.fisher import hook_fisher
 
 REFERENCE_KINDS = (
@@ -72,8 +72,7 @@ def hook_activations(
     bos_token_id: int | None = None,
 ) -> torch.Tensor:
     """Activations at ``hook_name`` for ``tokens`` [n, T], BOS and padding left out [N, d_in]."""
-    if hook_name not in model.hook_dict:
-        raise ValueError(f"hook {hook_name!r} is not in the model; use a name from hook_dict")
+    check_hook_exists(model, hook_name)
     tokenizer = model.tokenizer
     bos = bos_token_id if bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -81,13 +80,7 @@ def hook_activations(
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start : start + batch_size].to(model.cfg.device)
-            _, cache = model.run_with_cache(
-                batch,
-                names_filter=hook_name,
-                stop_at_layer=stop_after_hook(hook_name),
-                return_type=None,
-            )
-            x = cache[hook_name].reshape(*batch.shape, -1)
+            x = activations_at(model, hook_name, batch).reshape(*batch.shape, -1)
             keep = torch.ones_like(batch, dtype=torch.bool)
             if pad is not None and pad != bos:
                 keep &= batch != pad

@@ -11,15 +11,12 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from unittest import mock
 
-import datasets
 import torch
 from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
-from sae_lens import cache_activations_runner as upstream
 from transformer_lens import HookedTransformer
 
-from csae_plugin._compat import quiet_library_notices
+from csae_plugin._compat import cache_runner_uses, no_progress_bars, quiet_library_notices
 from csae_plugin.data import as_hf_dataset
 
 STORE_BATCH_PROMPTS = 8
@@ -95,16 +92,7 @@ def cache_activations(
     )
     # the runner loads its model by name from the hub; give it this one instead. Its own
     # "Caching activations" bar stays; datasets' per-shard "Saving the dataset" bars go.
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        with (
-            quiet_library_notices(),
-            mock.patch.object(upstream, "load_model", lambda **_: model),
-        ):
-            CacheActivationsRunner(cfg, override_dataset=as_hf_dataset(tokens)).run()
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
+    with quiet_library_notices(), no_progress_bars(), cache_runner_uses(model):
+        CacheActivationsRunner(cfg, override_dataset=as_hf_dataset(tokens)).run()
     stamp_file.write_text(json.dumps(stamp) + "\n")
     return path

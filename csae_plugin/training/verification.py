@@ -31,7 +31,7 @@ from transformer_lens import HookedTransformer
 
 from csae_plugin.causal import latent_effects, reference_stats
 from csae_plugin.causal.nces import effects_details, nces_metrics
-from csae_plugin.causal.tail import special_token_mask, stop_after_hook
+from csae_plugin.causal.tail import activations_at, special_token_mask
 
 FDR_LEVEL = 0.05
 """Benjamini-Hochberg level at which a latent counts as verified (as in the NCES eval)."""
@@ -305,11 +305,7 @@ def _hook_activations(context: VerificationContext) -> torch.Tensor:
     """Model-unit activations at the hook on the verify tokens' scored positions [n, d_in]."""
     model: HookedTransformer = context.model
     tokens = context.verify_tokens.to(model.cfg.device)  # type: ignore[union-attr]
-    stop = stop_after_hook(context.hook_name)
-    _, cache = model.run_with_cache(
-        tokens, names_filter=[context.hook_name], stop_at_layer=stop, return_type=None
-    )
-    x = cache[context.hook_name]
+    x = activations_at(model, context.hook_name, tokens)
     x = x.reshape(*x.shape[:2], -1)
     return x[special_token_mask(tokens, context.special_ids)]
 
