@@ -13,6 +13,13 @@ then score both with
 
 Everything but the model, hook, width and token budget is the same for both architectures,
 so the two SAEs are comparable. ``--training-tokens`` scales the budget down for a quick try.
+
+The causal SAE's KL term runs as a fine-tune over the last 5% of training, each KL step on
+16,384 tokens (every position of ``16384 // context_size`` whole sequences), the scale at which
+output-aware SAEs are known to gain (end-to-end SAEs, Braun et al. 2024; KL fine-tuning,
+Karvonen 2025): per-step gradients from a few sequences are mostly noise (evals/REPORT.md).
+The GPU memory this takes at Gemma-2-2B's context of 1024 has not been measured: lower
+``KL_TOKENS`` if it does not fit.
 """
 
 from __future__ import annotations
@@ -67,12 +74,29 @@ SETUPS = {
 }
 
 
+KL_TOKENS = 16_384
+"""Tokens per KL step of the causal SAE's fine-tune phase."""
+
+
+def causal_overrides(setup: Setup) -> dict[str, object]:
+    """The causal SAE's KL fine-tune at :data:`KL_TOKENS` per step, and verification."""
+    return {
+        "lambda_kl": 4.0,
+        "kl_every": 1,
+        "kl_batch_size": max(1, KL_TOKENS // setup.context_size),
+        "kl_positions": 0,
+        "kl_finetune_fraction": 0.05,
+        "kl_dtype": "bfloat16",
+        "verify_every": 2000,
+    }
+
+
 def runner_config(
     name: str, architecture: str, training_tokens: int | None, device: str
 ) -> LanguageModelSAERunnerConfig:
     """The SAELens runner config of setup ``name`` for ``architecture``."""
     setup = SETUPS[name]
-    overrides = {"kl_batch_size": 8, "verify_every": 2000} if architecture == "causal" else {}
+    overrides = causal_overrides(setup) if architecture == "causal" else {}
     spec = TrainSpec(architecture, setup.d_sae, setup.k, overrides)
     return LanguageModelSAERunnerConfig(
         sae=sae_training_config(spec, setup.d_in, setup.hook_name),

@@ -45,3 +45,6 @@ def test_gpu_example_configs(setup, architecture, monkeypatch):
     assert cfg.sae.architecture() == architecture
     assert cfg.hook_name == train_gpu.SETUPS[setup].hook_name
     assert cfg.sae.d_in == train_gpu.SETUPS[setup].d_in
+    if architecture == "causal":  # the KL fine-tune at the anchors' 16k tokens per KL step
+        assert cfg.sae.kl_batch_size * cfg.context_size == train_gpu.KL_TOKENS
+        assert cfg.sae.kl_finetune_fraction > 0 and cfg.sae.kl_positions == 0
