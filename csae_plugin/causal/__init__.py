@@ -17,7 +17,7 @@ from csae_plugin.causal.interventions import (
     resample_values,
     spectral_bands,
 )
-from csae_plugin.causal.naive import naive_latent_effect
+from csae_plugin.causal.naive import naive_latent_effect, naive_latent_effects
 from csae_plugin.causal.reference_stats import ReferenceStats, reference_stats
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "latent_effects",
     "latent_null_directions",
     "naive_latent_effect",
+    "naive_latent_effects",
     "null_directions",
     "reference_stats",
     "resample_values",

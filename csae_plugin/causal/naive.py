@@ -1,5 +1,7 @@
 """The slow reference the engine is tested against number for number: one full hooked forward
-per variant, KL from float64 log-softmax over the whole vocabulary."""
+per variant, KL from float64 log-softmax over the whole vocabulary (:func:`naive_latent_effect`),
+and the same over exactly the pairs and random draws of an engine run
+(:func:`naive_latent_effects`)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,14 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
+from csae_plugin.causal.engine import LatentEffects
 from csae_plugin.causal.inputs import prepare_inputs
-from csae_plugin.causal.interventions import check_intervention, decoder_directions
+from csae_plugin.causal.interventions import (
+    check_intervention,
+    decoder_directions,
+    latent_null_directions,
+    resample_values,
+)
 from csae_plugin.causal.reference_stats import ReferenceStats
 
 
@@ -95,3 +103,42 @@ def naive_latent_effect(
         effect = effect_of(real)
         nulls = np.array([effect_of(along(u)) for u in null_dirs])
     return effect, nulls
+
+
+def naive_latent_effects(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: torch.Tensor,
+    effects: LatentEffects,
+    stats: ReferenceStats,
+    *,
+    seed: int = 0,
+    bos_token_id: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`naive_latent_effect` on exactly an engine run's latents, sequences (rows of
+    ``tokens``, the engine's input) and random draws (its first null, ``seed`` as the engine's):
+    ``(effect, null_per_draw)`` shaped as ``effects``' arrays, NaN where it had no sequence."""
+    effect = np.full(effects.effect.shape, np.nan)
+    null = np.full(effects.null_per_draw.shape, np.nan)
+    directions = decoder_directions(sae, torch.as_tensor(effects.latents))
+    for li, latent in enumerate(effects.latents):
+        dirs = latent_null_directions(
+            stats, int(latent), effects.null_draws, seed, effects.nulls[0], directions[li]
+        )
+        for j, row in enumerate(effects.sequences[li]):
+            if row < 0:
+                continue
+            values = resample_values(stats, int(latent), int(row), tokens.shape[1], seed)
+            effect[li, j], null[li, j] = naive_latent_effect(
+                model,
+                sae,
+                tokens[row],
+                int(latent),
+                stats,
+                intervention=effects.intervention,
+                alpha=effects.alpha,
+                null_dirs=dirs,
+                resample_values=values,
+                bos_token_id=bos_token_id,
+            )
+    return effect, null

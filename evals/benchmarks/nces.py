@@ -67,30 +67,10 @@ TARGET_OVER_FLOOR = 1.3
 
 def run_naive(model, sae, tokens, effects, stats, seed, bos_token_id):
     """The naive reference on the engine's exact pairs and draws: (effect, null, seconds)."""
-    effect = np.full(effects.effect.shape, np.nan)
-    null = np.full(effects.null_per_draw.shape, np.nan)
     start = time.perf_counter()
-    directions = iv.decoder_directions(sae, torch.as_tensor(effects.latents))
-    for li, latent in enumerate(effects.latents):
-        dirs = iv.latent_null_directions(
-            stats, int(latent), effects.null_draws, seed, effects.nulls[0], directions[li]
-        )
-        for j, row in enumerate(effects.sequences[li]):
-            if row < 0:
-                continue
-            values = iv.resample_values(stats, int(latent), int(row), tokens.shape[1], seed)
-            effect[li, j], null[li, j] = iv.naive_latent_effect(
-                model,
-                sae,
-                tokens[row],
-                int(latent),
-                stats,
-                intervention=effects.intervention,
-                alpha=effects.alpha,
-                null_dirs=dirs,
-                resample_values=values,
-                bos_token_id=bos_token_id,
-            )
+    effect, null = iv.naive_latent_effects(
+        model, sae, tokens, effects, stats, seed=seed, bos_token_id=bos_token_id
+    )
     return effect, null, time.perf_counter() - start
 
 
@@ -383,10 +363,10 @@ def bench_screen(args: argparse.Namespace) -> dict:
 def bench_sharding(args: argparse.Namespace) -> dict:
     """The exact NCES eval (``python -m csae_plugin.evals.nces.main``) once plainly (all of
     torch's threads) and once under ``torchrun --nproc-per-node N`` (each process gets cores / N
-    threads), same SAE (data-initialised TopK), latents and settings: both wall times, the
-    speed-up and whether the per-latent results are identical (bitwise only where every process
-    runs the same number of threads, as in ``tests/test_shards.py``: here 1 process has all the
-    cores' threads and each of N has a share, so matrix products sum in another order)."""
+    threads), same SAE (data-initialised TopK), latents and settings: both wall times, the speed-up
+    and whether the per-latent results are identical (bitwise only where every process runs the same
+    number of threads, as in ``tests/evals/nces/test_shards.py``: here 1 process has all the cores'
+    threads and each of N has a share, so matrix products sum in another order)."""
     if args.model != MODEL:
         raise SystemExit("--sharding runs the eval's command line, on Gemma 3 270M only")
     work = Path(tempfile.mkdtemp(prefix="bench_sharding_"))
