@@ -1,4 +1,12 @@
-"""Shared offline fixtures: a tiny TransformerLens model and token data built in-process."""
+"""Shared offline fixtures and helpers, imported by the tests as ``from conftest import ...``:
+a tiny TransformerLens model and token data built in-process, SAEs on it, and the ``sae_bench``
+command's test settings.
+
+The tests mirror the package: ``saes/``, ``training/``, ``causal/`` and ``evals/`` (with
+``evals/nces/``) test the subpackages of ``csae_plugin`` of those names, ``repo_evals/`` the
+repository's ``evals/`` scripts, and the files here the package as a whole (layout, README,
+packaging, the command line, the demo, models, data, a new user's battery, reproducibility).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +15,24 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from sae_lens import JumpReLUSAE, StandardSAE, TopKSAE
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import csae_plugin  # noqa: F401  (registers "causal")
+from csae_plugin import CausalTrainingSAE, CausalTrainingSAEConfig
 
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 D_MODEL = 32
 N_CTX = 16
 D_VOCAB = 64
 BOS = 1
+HOOK = "blocks.0.hook_resid_post"
 
 
-def make_tiny_model(seed: int = 0) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
+def make_tiny_model(seed: int = 0, **overrides) -> HookedTransformer:
+    """A random 2-layer model (``overrides`` replace its config's fields), in eval mode."""
+    cfg = dict(
         n_layers=2,
         d_model=D_MODEL,
         n_heads=4,
@@ -31,7 +45,7 @@ def make_tiny_model(seed: int = 0) -> HookedTransformer:
         seed=seed,
         default_prepend_bos=False,
     )
-    model = HookedTransformer(cfg)
+    model = HookedTransformer(HookedTransformerConfig(**(cfg | overrides)))
     model.eval()
     return model
 
@@ -42,6 +56,73 @@ def make_tokens(n_seq: int, seed: int = 0, context: int = N_CTX) -> torch.Tensor
     tokens = torch.randint(2, D_VOCAB, (n_seq, context), generator=gen)
     tokens[:, 0] = BOS
     return tokens
+
+
+def standard_sae(seed: int = 0, d_in: int = D_MODEL, hook: str = HOOK, dead: int | None = None):
+    """A random SAELens StandardSAE (64 latents) at ``hook``; latent ``dead`` can never fire."""
+    from sae_lens import StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=64, metadata=SAEMetadata(hook_name=hook)))
+    if dead is not None:
+        with torch.no_grad():
+            sae.b_enc[dead] = -1e6
+    return sae
+
+
+ACTIVATIONS = ["relu", "topk", "batchtopk"]
+SAVED_AS = {"topk": TopKSAE, "batchtopk": JumpReLUSAE, "relu": StandardSAE}
+"""The plain SAELens class a causal SAE of each activation is saved as."""
+
+
+def causal_cfg(activation: str = "topk", **kw) -> CausalTrainingSAEConfig:
+    """A causal SAE's config for the tiny model: 64 latents, ``k`` 4 unless given."""
+    kw.setdefault("k", 4)
+    return CausalTrainingSAEConfig(d_in=D_MODEL, d_sae=64, activation=activation, **kw)
+
+
+def trained_causal_sae(
+    activation: str = "topk", steps: int = 30, seed: int = 0, **kw
+) -> tuple[CausalTrainingSAE, torch.optim.Adam]:
+    """A causal SAE (``lambda_kl`` 0 unless given) briefly trained on random activations, so its
+    weights are not at init, and its Adam (with state)."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    torch.manual_seed(seed)
+    sae = CausalTrainingSAE(causal_cfg(activation, **{"lambda_kl": 0.0, **kw}))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for step in range(steps):
+        x = torch.randn(128, D_MODEL) * 3 + 1
+        coefficients = {"l1": 1e-3, "kl": 0.0}
+        out = sae.training_forward_pass(TrainStepInput(x, coefficients, None, step, False))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return sae, opt
+
+
+# the ``sae_bench`` command on the tiny model (with ``tiny_world``): fast settings, SAE folders,
+# and its one-line errors
+FAST = ["--no-progress", "--device", "cpu", "--context-size", "16", "--latents", "6"]
+FAST += ["--null-draws", "3", "--seqs-per-latent", "3", "--n-bootstrap", "50"]
+
+
+def save_standard(folder, d_in: int = D_MODEL, hook: str = HOOK):
+    standard_sae(d_in=d_in, hook=hook).save_model(folder)
+    return folder
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sae_bench: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def result_files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +169,7 @@ def runner_config(sae_cfg, output_path=None, training_tokens: int = 16 * 256, se
     return LanguageModelSAERunnerConfig(
         sae=sae_cfg,
         model_name="tiny",
-        hook_name=kw.pop("hook_name", "blocks.0.hook_resid_post"),
+        hook_name=kw.pop("hook_name", HOOK),
         dataset_path="tiny",
         is_dataset_tokenized=True,
         context_size=N_CTX,

@@ -1,4 +1,5 @@
-"""One process of a (possibly torchrun-launched) NCES run on the tiny model, for test_shards.
+"""One process of a (possibly torchrun-launched) NCES run on the tiny model, for
+tests/evals/nces/test_shards.py.
 
     python tests/shard_worker.py OUT_DIR                          # one process
     python -m torch.distributed.run --nproc-per-node 2 tests/shard_worker.py OUT_DIR
@@ -14,9 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import make_tiny_model, make_tokens
-from sae_lens import StandardSAE, StandardSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from conftest import make_tiny_model, make_tokens, standard_sae
 
 from csae_plugin.evals.nces import main as nces_main
 from csae_plugin.evals.nces import shards
@@ -31,9 +30,7 @@ def main(out: Path, gemma: bool = False, threads: int = 1) -> None:
     (out / f"pid_rank{rank}").write_text(str(os.getpid()))
     if gemma:
         return run_gemma(out)
-    torch.manual_seed(0)
-    hook = "blocks.0.hook_resid_post"
-    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name=hook)))
+    sae = standard_sae()
     config = NCESEvalConfig(
         model_name="tiny",
         context_size=16,

@@ -12,9 +12,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import save_tiny_gpt2
+from conftest import FAST, one_error_line, result_files, save_standard, save_tiny_gpt2
 from safetensors.torch import load_file, save_file
-from test_cli import FAST, one_error_line, result_files, save_standard
 
 from csae_plugin import cli, models
 from csae_plugin.evals.nces import main as nces_main

@@ -11,9 +11,18 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import D_MODEL, N_CTX, make_tiny_model, make_tokens
+from conftest import (
+    D_MODEL,
+    FAST,
+    HOOK,
+    N_CTX,
+    make_tiny_model,
+    make_tokens,
+    one_error_line,
+    result_files,
+    save_standard,
+)
 from sae_bench.evals.core.eval_output import CoreEvalOutput
-from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
 from csae_plugin import CausalTrainingSAE, CausalTrainingSAEConfig, cli, models
@@ -21,35 +30,12 @@ from csae_plugin.evals import tokens
 from csae_plugin.evals.nces import main as nces_main
 from csae_plugin.evals.nces.eval_output import NCESEvalOutput
 
-HOOK = "blocks.0.hook_resid_post"
-FAST = ["--no-progress", "--device", "cpu", "--context-size", "16", "--latents", "6"]
-FAST += ["--null-draws", "3", "--seqs-per-latent", "3", "--n-bootstrap", "50"]
-
-
-def save_standard(folder, d_in: int = D_MODEL, hook: str = HOOK):
-    torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=64, metadata=SAEMetadata(hook_name=hook)))
-    sae.save_model(folder)
-    return folder
-
 
 def save_causal(folder):
     torch.manual_seed(1)
     cfg = CausalTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, metadata=SAEMetadata(hook_name=HOOK))
     CausalTrainingSAE(cfg).save_model(folder)
     return folder
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sae_bench: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-def result_files(folder):
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 # C1. run --eval core,nces writes both SAEBench files per SAE (a causal one included), one model load

@@ -2,10 +2,10 @@
 
 SAEBench's ``multiple_evals`` loads the model and dataset from the hub by name. This runs the
 same steps on an already built ``HookedTransformer`` and token rows (the held-out split):
-SAEBench's ``run_evals`` on a SAELens ``ActivationsStore`` over the tokens, its misc metrics,
-its NaN -> -1 cleaning and its ``save_single_eval_result``, so every key SAEBench writes holds
-SAEBench's own number, written atomically (``tests/test_core.py`` checks them against SAEBench's
-``multiple_evals`` on the same SAE and tokens).
+SAEBench's ``run_evals`` on a SAELens ``ActivationsStore`` over the tokens, its misc metrics, its
+NaN -> -1 cleaning and its ``save_single_eval_result``, so every key SAEBench writes holds
+SAEBench's own number, written atomically (``tests/evals/test_core.py`` checks them against
+SAEBench's ``multiple_evals`` on the same SAE and tokens).
 
 One key is added: SAEBench 0.6.0's ``explained_variance`` measures total variance about a wrong
 centre (it squares ``E[x_d^2]`` where ``E[x_d]`` belongs, the bug SAELens fixed upstream in PR

@@ -222,7 +222,7 @@ def stage_bfloat16(check: Check) -> dict[str, Any]:
 
     The same latents, sequences and draws as the float32 sae_bench stage; reported, not gating
     (on random weights the effects are small, so bfloat16's rounding weighs more than on the
-    real model). The tolerances of tests/test_interventions.py's bfloat16 test are shown.
+    real model). The tolerances of tests/causal/test_engine.py's bfloat16 test are shown.
     """
     import numpy as np
 

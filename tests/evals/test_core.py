@@ -2,7 +2,8 @@
 
 SAEBench's ``multiple_evals`` loads the model and the dataset by name; here its two loaders are
 pointed at the tiny model and the same token rows ``run_core`` reads (in the same order, no
-shuffle), so both run on the same SAE and tokens.
+shuffle), so both run on the same SAE and tokens. And the wrapper itself: it writes SAEBench's
+core output over exactly the tokens given, with the conventional explained variance added.
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import BOS, D_MODEL, make_tiny_model, make_tokens
+from conftest import BOS, D_MODEL, HOOK, make_tiny_model, make_tokens, standard_sae
 from sae_bench.evals.core import main as saebench_core
-from sae_lens import StandardSAE, StandardSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from sae_bench.evals.core.eval_output import CoreEvalOutput
 from sae_lens.training.activations_store import ActivationsStore
 
 from csae_plugin.evals import core
-
-HOOK = "blocks.0.hook_resid_post"
 
 
 def flat(result: dict) -> dict[str, object]:
@@ -42,10 +40,7 @@ def test_core_agrees_with_saebench_core_on_every_saebench_key(tmp_path, monkeypa
     model.tokenizer = SimpleNamespace(
         pad_token_id=BOS, eos_token_id=BOS, bos_token_id=BOS, padding_side="right"
     )
-    torch.manual_seed(0)
-    sae = StandardSAE(
-        StandardSAEConfig(d_in=D_MODEL, d_sae=64, metadata=SAEMetadata(hook_name=HOOK))
-    )
+    sae = standard_sae()
     sae.cfg.metadata.model_name = model.cfg.model_name
     config = core.core_config(model.cfg.model_name, "", tokens.shape[1], tokens.shape[0])
 
@@ -113,9 +108,7 @@ def test_core_file_validates_against_saebench_core_schema(tmp_path):
     schema = resources.files("sae_bench.evals.core") / "eval_output_schema_core.json"
     validator = jsonschema.Draft202012Validator(json.loads(schema.read_text()))
     model, tokens = make_tiny_model(), make_tokens(16, seed=4)
-    sae = StandardSAE(
-        StandardSAEConfig(d_in=D_MODEL, d_sae=64, metadata=SAEMetadata(hook_name=HOOK))
-    )
+    sae = standard_sae()
     result = core.run_core(
         model,
         sae,
@@ -127,3 +120,73 @@ def test_core_file_validates_against_saebench_core_schema(tmp_path):
         progress=False,
     )
     validator.validate(result)
+
+
+# the core wrapper writes SAEBench's core output over exactly the tokens given
+def test_core_runs_on_given_model_and_tokens(tmp_path):
+    model, sae, tokens = make_tiny_model(), standard_sae(), make_tokens(32, seed=3)
+    result = core.run_core(
+        model,
+        sae,
+        tokens,
+        release="local",
+        sae_id="tiny",
+        output_path=tmp_path / "core",
+        bos_token_id=BOS,
+        progress=False,
+    )
+    path = tmp_path / "core" / "local_tiny_eval_results.json"
+    assert result == json.loads(path.read_text())
+    output = CoreEvalOutput(**result)
+    _, cache = model.run_with_cache(tokens, names_filter=[HOOK])
+    acts = sae.encode(cache[HOOK])[:, 1:]  # BOS excluded, as core's ignore_tokens
+    l0 = (acts != 0).sum(-1).float().mean().item()
+    assert output.eval_result_metrics.sparsity.l0 == pytest.approx(l0, rel=1e-5)
+    assert output.eval_result_metrics.token_stats.total_tokens_eval_sparsity_variance == 32 * 16
+    assert len(output.eval_result_details) == sae.cfg.d_sae
+    assert (
+        core.run_core(
+            model, sae, tokens, release="local", sae_id="tiny", output_path=tmp_path / "core"
+        )
+        is None
+    )
+
+
+# core adds the conventional explained variance under its own key: an SAE that outputs only
+# the mean activation explains ~0 (SAEBench 0.6.0's own formula says ~1 on high-mean activations),
+# and the written value equals 1 - SSE / SST computed here over the same positions.
+def test_core_explained_variance_is_conventional(tmp_path):
+    model, tokens = make_tiny_model(), make_tokens(32, seed=4)
+    _, cache = model.run_with_cache(tokens, names_filter=[HOOK])
+    x = cache[HOOK][:, 1:].reshape(-1, D_MODEL).double()  # BOS excluded, as core's ignore_tokens
+    shift = 50.0 * torch.ones(D_MODEL)  # a large mean, as in real residual streams
+
+    def shifted(act, hook):
+        return act + shift
+
+    model.add_perma_hook(HOOK, shifted)
+    x = x + shift.double()
+    mean_only = standard_sae()
+    with torch.no_grad():
+        mean_only.W_dec.zero_()
+        mean_only.b_dec.copy_(x.mean(0).float())
+    sae = standard_sae(seed=1)
+    for name, candidate in (("mean_only", mean_only), ("random", sae)):
+        result = core.run_core(
+            model,
+            candidate,
+            tokens,
+            release="local",
+            sae_id=name,
+            output_path=tmp_path / "core",
+            bos_token_id=BOS,
+            progress=False,
+        )
+        quality = result["eval_result_metrics"]["reconstruction_quality"]
+        written = quality["explained_variance_centered"]
+        assert "explained_variance_centered" in str(result["eval_result_unstructured"])
+        x_hat = candidate.decode(candidate.encode(x.float())).double()
+        expected = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        assert written == pytest.approx(float(expected), rel=1e-5, abs=1e-4)
+        if name == "mean_only":
+            assert abs(written) < 1e-3

@@ -1,7 +1,7 @@
-"""The "causal" architecture: registration, training through SAELens's runner, saving the final
-SAE as the plain SAELens SAE it is equivalent to (loadable without the plugin), checkpoints that
-resume exactly, 0.1.0 folders, parity with the baselines, the conformance behaviours SAELens
-checks for its own architectures, and input errors."""
+"""The "causal" architecture (``csae_plugin/saes/causal.py``): registration, training through
+SAELens's runner, saving the final SAE as the plain SAELens SAE it is equivalent to (loadable
+without the plugin), checkpoints that resume exactly, parity with the baselines, the conformance
+behaviours SAELens checks for its own architectures, and config errors."""
 
 from __future__ import annotations
 
@@ -14,22 +14,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BOS, D_MODEL, make_tokens, runner_config
+from conftest import (
+    ACTIVATIONS,
+    D_MODEL,
+    HOOK,
+    SAVED_AS,
+    causal_cfg,
+    make_tokens,
+    runner_config,
+    trained_causal_sae,
+)
 from sae_lens import (
     SAE,
     BatchTopKTrainingSAEConfig,
     HookedSAETransformer,
-    JumpReLUSAE,
     LanguageModelSAETrainingRunner,
-    StandardSAE,
-    TopKSAE,
     TopKTrainingSAEConfig,
 )
 from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import csae_plugin
 from csae_plugin import (
@@ -39,34 +45,8 @@ from csae_plugin import (
     CausalTrainingSAE,
     CausalTrainingSAEConfig,
 )
-from csae_plugin.saes.loading import SAELoadError, load_sae_from_folder
+from csae_plugin.saes.loading import load_sae_from_folder
 from csae_plugin.training import TrainSpec, train_sae
-from csae_plugin.training.context import CausalTrainingContext
-
-ACTIVATIONS = ["relu", "topk", "batchtopk"]
-SAVED_AS = {"topk": TopKSAE, "batchtopk": JumpReLUSAE, "relu": StandardSAE}
-FIXTURE = Path(__file__).parent / "fixtures" / "causal_sae_0.1.0"
-HOOK = "blocks.0.hook_resid_post"
-
-
-def causal_cfg(activation: str = "topk", **kw) -> CausalTrainingSAEConfig:
-    kw.setdefault("k", 4)
-    return CausalTrainingSAEConfig(d_in=D_MODEL, d_sae=64, activation=activation, **kw)
-
-
-def trained(activation: str, steps: int = 30, seed: int = 0, **kw) -> CausalTrainingSAE:
-    """A causal SAE briefly trained on random activations, so its weights are not at init."""
-    torch.manual_seed(seed)
-    sae = CausalTrainingSAE(causal_cfg(activation, lambda_kl=0.0, **kw))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for step in range(steps):
-        x = torch.randn(128, D_MODEL) * 3 + 1
-        coefficients = {"l1": 1e-3, "kl": 0.0}
-        out = sae.training_forward_pass(TrainStepInput(x, coefficients, None, step, False))
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return sae
 
 
 # 1. registration
@@ -205,25 +185,7 @@ def test_plain_runner_says_once_that_the_causal_terms_are_off(
     assert details["kl_every"] == 2 and details["lambda_kl"] == 1.0
 
 
-# 3. 0.1.0 folders still load
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_0_1_0_causal_folder_loads_as_the_plain_sae_with_the_same_outputs(activation):
-    assert json.loads((FIXTURE / activation / "cfg.json").read_text())["architecture"] == "causal"
-    sae = SAE.load_from_disk(FIXTURE / activation)
-    assert type(sae) is SAVED_AS[activation]
-    assert sae.cfg.metadata.training_architecture == "causal"
-    expected = load_file(FIXTURE / "expected.safetensors")
-    with torch.no_grad():
-        acts = sae.encode(expected["x"])
-        recons = sae.decode(acts)
-    norms = load_file(FIXTURE / activation / "sae_weights.safetensors")["W_dec"].norm(dim=-1)
-    # 0.1.0 measured latents in units of a unit-norm decoder row, as the folded SAE does
-    torch.testing.assert_close(acts, expected[f"{activation}_acts"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(recons, expected[f"{activation}_recons"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones_like(norms))
-
-
-# 4. with lambda_kl=0 a causal SAE is its baseline: same seed, same weights
+# 3. with lambda_kl=0 a causal SAE is its baseline: same seed, same weights
 @pytest.mark.parametrize(
     ("activation", "baseline"),
     [("topk", TopKTrainingSAEConfig), ("batchtopk", BatchTopKTrainingSAEConfig)],
@@ -255,151 +217,7 @@ def test_plain_runner_trains_a_topk_baseline(tiny_model, tiny_dataset, tmp_path)
     assert sae.cfg.d_sae == 64
 
 
-def test_causal_runner_attaches_the_model_and_computes_kl(tiny_model, tiny_dataset):
-    cfg = runner_config(causal_cfg(kl_every=1), training_tokens=16 * 32)
-    runner = CausalSAETrainingRunner(cfg, override_model=tiny_model, override_dataset=tiny_dataset)
-    context = runner.sae.causal_context
-    assert isinstance(context, CausalTrainingContext) and context.model is tiny_model
-    # the model is not a submodule: never saved, never optimised
-    assert not any(name.startswith("model") for name, _ in runner.sae.named_parameters())
-    assert all(not k.startswith("model") for k in runner.sae.state_dict())
-    runner.run()
-    assert all(p.grad is None for p in tiny_model.parameters())
-
-
-# 5. the KL term lowers KL(clean || spliced): a measured comparison with fixed seeds
-def _heldout_kl(sae: CausalTrainingSAE, model, tokens: torch.Tensor) -> float:
-    context = CausalTrainingContext(
-        model=model,
-        hook_name="blocks.0.hook_resid_post",
-        next_tokens=None,
-        special_ids=torch.tensor([BOS]),
-    )
-    with torch.no_grad():
-        return context.spliced_kl(sae, tokens).item()
-
-
-def test_kl_term_lowers_downstream_kl_against_the_same_run_without_it(tiny_model, tiny_dataset):
-    heldout = make_tokens(64, seed=123)
-    kls = {}
-    for lambda_kl in (0.0, 10.0):
-        torch.manual_seed(0)
-        cfg = runner_config(
-            causal_cfg("topk", k=2, lambda_kl=lambda_kl, kl_every=1, kl_batch_size=8),
-            training_tokens=16 * 512,
-        )
-        runner = CausalSAETrainingRunner(
-            cfg, override_model=tiny_model, override_dataset=tiny_dataset
-        )
-        kls[lambda_kl] = _heldout_kl(runner.run(), tiny_model, heldout)
-    assert kls[10.0] < 0.8 * kls[0.0], kls
-
-
-def test_kl_positions_scores_a_random_subset_of_rows_an_unbiased_estimate(tiny_model):
-    """``kl_positions``: the term is the mean KL over ``positions * n_seq`` rows drawn among
-    the scored ones (so between the smallest and largest per-row KL), all rows when that is
-    as many as there are, and averages to the full term over draws."""
-    sae = trained("topk", steps=5)
-    tokens = make_tokens(4, seed=7)
-    context = CausalTrainingContext(
-        model=tiny_model,
-        hook_name=HOOK,
-        next_tokens=None,
-        special_ids=torch.tensor([BOS]),
-    )
-    with torch.no_grad():
-        full = context.spliced_kl(sae, tokens).item()
-        assert context.spliced_kl(sae, tokens, positions=tokens.shape[1]).item() == full
-        torch.manual_seed(0)
-        draws = torch.tensor(
-            [context.spliced_kl(sae, tokens, positions=2).item() for _ in range(300)]
-        )
-    assert full > 0
-    assert draws.std() > 0.05 * full  # a subset really is drawn, differently each time
-    assert abs(draws.mean().item() - full) < 0.05 * full, (draws.mean().item(), full)
-
-
-class _Perturb(torch.nn.Module):
-    """Stands in for an SAE in the KL term: reconstruction = x + sigma * eps_t * v, with
-    eps_t i.i.d. N(0, 1) per position (so errors at two positions never act together on average)."""
-
-    def __init__(self, v: torch.Tensor, sigma: float):
-        super().__init__()
-        self.v, self.sigma = v, sigma
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.sigma * torch.randn(*x.shape[:-1], 1) * self.v
-
-
-def test_fisher_term_is_the_kl_to_second_order_along_each_direction(tiny_model):
-    """``kl_estimator="fisher"``: 1/2 delta^T F delta with F from :func:`hook_fisher` predicts
-    the exact KL of small errors, direction by direction (F's top eigenvector and one from its
-    lower quarter, whose KLs differ many-fold; the very bottom is the direction the next
-    LayerNorm removes, with no effect at all)."""
-    from csae_plugin.training.fisher import fisher_kl, hook_fisher
-
-    tokens = make_tokens(16, seed=11)
-    fisher = hook_fisher(
-        tiny_model, HOOK, tokens, special_ids=torch.tensor([BOS]), samples=64, progress=False
-    )
-    assert torch.allclose(fisher, fisher.T) and torch.linalg.eigvalsh(fisher).min() > -1e-9
-    context = CausalTrainingContext(
-        model=tiny_model, hook_name=HOOK, next_tokens=None, special_ids=torch.tensor([BOS])
-    )
-    _, eigvecs = torch.linalg.eigh(fisher)
-    torch.manual_seed(0)
-    exact, predicted = [], []
-    for v in (eigvecs[:, -1], eigvecs[:, D_MODEL // 4]):
-        v = v.float()
-        with torch.no_grad():
-            kl = torch.tensor([context.spliced_kl(_Perturb(v, 0.05), tokens) for _ in range(20)])
-        exact.append(kl.mean().item())
-        predicted.append(fisher_kl(0.05 * v[None, :], fisher).item())  # E[eps^2] = 1
-    assert exact[0] > 5 * exact[1], exact
-    for e, p in zip(exact, predicted, strict=True):
-        assert abs(p - e) < 0.25 * e, (exact, predicted)
-
-
-def test_fisher_kl_term_weights_the_reconstruction_error_by_f(tiny_model, tiny_dataset):
-    """Training with ``kl_estimator="fisher"`` lowers the error where F is large at the expense
-    of where it is small: with F heavy on a half-dimensional subspace (set on the context, so the
-    model-derived estimate, tested above, is not needed), the SAE trained with the term has a
-    smaller share of its error in that subspace than the same run without it."""
-    from csae_plugin.causal.tail import capture, parse_hook, special_token_mask
-
-    # heavy on a random half-dimensional subspace (not on coordinates: Adam's per-coordinate
-    # step sizes would largely undo a per-coordinate weighting of the decoder's gradient)
-    basis, _ = torch.linalg.qr(
-        torch.randn(D_MODEL, D_MODEL, generator=torch.Generator().manual_seed(0))
-    )
-    heavy = basis[:, : D_MODEL // 2]
-    fisher = (heavy @ heavy.T).double() + 1e-3 * torch.eye(D_MODEL, dtype=torch.float64)
-    heldout = make_tokens(64, seed=123)
-    with torch.no_grad():
-        x, _ = capture(tiny_model, parse_hook(HOOK), heldout, None)
-    x = x[special_token_mask(heldout, torch.tensor([BOS]))]
-    share = {}
-    for lambda_kl in (0.0, 100.0):
-        torch.manual_seed(0)
-        cfg = runner_config(
-            causal_cfg("topk", k=8, lambda_kl=lambda_kl, kl_every=1, kl_estimator="fisher"),
-            training_tokens=16 * 512,
-        )
-        runner = CausalSAETrainingRunner(
-            cfg, override_model=tiny_model, override_dataset=tiny_dataset
-        )
-        runner.sae.causal_context.fisher = fisher
-        sae = runner.run()
-        with torch.no_grad():
-            error = sae.decode(sae.encode(x)) - x
-        share[lambda_kl] = ((error @ heavy).square().sum() / error.square().sum()).item()
-    assert share[100.0] < 0.85 * share[0.0], share  # measured 0.36 against 0.46
-
-
-# 6. checkpoints keep the training form (as SAELens's BatchTopK), so a run resumes exactly
+# 4. checkpoints keep the training form (as SAELens's BatchTopK), so a run resumes exactly
 def _buffers_off_init(sae: CausalTrainingSAE) -> CausalTrainingSAE:
     """Buffers at values training reaches and a fresh SAE lacks (reweight's l1_weights)."""
     with torch.no_grad():
@@ -421,7 +239,7 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module, cast: bool = Fals
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_checkpoint_round_trip_keeps_every_parameter_and_buffer(tmp_path, activation):
     """SAELens's test_TrainingSAE_save_and_load_from_checkpoint, buffers included."""
-    sae = _buffers_off_init(trained(activation))
+    sae = _buffers_off_init(trained_causal_sae(activation)[0])
     sae.save_model(tmp_path)
     saved = json.loads((tmp_path / "cfg.json").read_text())
     assert (saved["architecture"], saved["activation"]) == ("causal", activation)
@@ -471,7 +289,9 @@ def test_training_resumed_from_a_checkpoint_equals_one_uninterrupted_run(tmp_pat
 )
 def test_checkpoint_folder_loads_as_the_final_plain_sae(tmp_path, activation, rescale):
     k = 4.5 if activation == "batchtopk" else 4  # an average k may be fractional
-    sae = _buffers_off_init(trained(activation, k=k, rescale_acts_by_decoder_norm=rescale))
+    sae = _buffers_off_init(
+        trained_causal_sae(activation, k=k, rescale_acts_by_decoder_norm=rescale)[0]
+    )
     sae.save_model(tmp_path / "checkpoint")
     sae.save_inference_model(tmp_path / "final")
     final = SAE.load_from_disk(tmp_path / "final")
@@ -482,10 +302,10 @@ def test_checkpoint_folder_loads_as_the_final_plain_sae(tmp_path, activation, re
     _assert_same_state(final, load_sae_from_folder(tmp_path / "checkpoint"))  # sae_bench's
 
 
-# 7. conformance with SAELens's own architecture tests
+# 5. conformance with SAELens's own architecture tests
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fold_activation_norm_scaling_factor_preserves_outputs(activation):
-    sae = trained(activation)
+    sae, _ = trained_causal_sae(activation)
     sae.eval()
     scale = 3.7
     x = torch.randn(64, D_MODEL) * 2
@@ -496,7 +316,7 @@ def test_fold_activation_norm_scaling_factor_preserves_outputs(activation):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fold_W_dec_norm_preserves_outputs_and_normalises_decoder(activation):
-    sae = trained(activation)
+    sae, _ = trained_causal_sae(activation)
     sae.eval()
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(sae.cfg.d_sae, 1) + 0.5)
@@ -512,7 +332,7 @@ def test_fold_W_dec_norm_preserves_outputs_and_normalises_decoder(activation):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_error_term_forward_equals_clean_forward(tiny_model, tmp_path, activation):
-    trained(activation).save_inference_model(tmp_path)
+    trained_causal_sae(activation)[0].save_inference_model(tmp_path)
     sae = SAE.load_from_disk(tmp_path)
     sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
     model = HookedSAETransformer(tiny_model.cfg)
@@ -526,7 +346,7 @@ def test_error_term_forward_equals_clean_forward(tiny_model, tmp_path, activatio
     assert not torch.allclose(model(tokens), clean, atol=1e-3)  # the splice is really there
 
 
-# 8. input errors: one clear line each
+# 6. config errors: one clear line each
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
@@ -544,32 +364,3 @@ def test_bad_config_gives_a_clear_error(kwargs, needle):
     with pytest.raises(ValueError, match=needle) as err:
         causal_cfg(**kwargs)
     assert "\n" not in str(err.value)
-
-
-def test_wrong_hook_name_gives_a_clear_error(tiny_model, tiny_dataset):
-    cfg = runner_config(causal_cfg(), hook_name="blocks.7.hook_resid_post")
-    with pytest.raises(ValueError, match="hook 'blocks.7.hook_resid_post' is not in the model"):
-        CausalSAETrainingRunner(cfg, override_model=tiny_model, override_dataset=tiny_dataset)
-
-
-def test_d_in_mismatch_gives_a_clear_error(tiny_model, tiny_dataset):
-    cfg = runner_config(CausalTrainingSAEConfig(d_in=48, d_sae=64, k=4))
-    with pytest.raises(ValueError, match="d_in=48 does not match the model's activation size 32"):
-        CausalSAETrainingRunner(cfg, override_model=tiny_model, override_dataset=tiny_dataset)
-
-
-def test_loading_a_0_1_0_folder_without_the_plugin_says_to_import_it(monkeypatch):
-    monkeypatch.delitem(SAE_CLASS_REGISTRY, "causal")
-    with pytest.raises(KeyError):  # what plain SAELens says
-        SAE.load_from_disk(FIXTURE / "topk")
-    with pytest.raises(SAELoadError, match="import csae_plugin"):
-        load_sae_from_folder(FIXTURE / "topk")
-
-
-def test_corrupt_or_missing_sae_folder_gives_a_clear_error(tmp_path):
-    with pytest.raises(SAELoadError, match="does not exist"):
-        load_sae_from_folder(tmp_path / "nope")
-    trained("topk").save_inference_model(tmp_path)
-    (tmp_path / "cfg.json").write_text("{not json")
-    with pytest.raises(SAELoadError, match="is corrupt"):
-        load_sae_from_folder(tmp_path)

@@ -1,6 +1,5 @@
 """Causal verification during training (term 4): the hook-up through the runner, the resample
-and reweight actions, the model-units view the NCES engine sees, and that it is off when off;
-and the lean (chunked, tail-only) KL term (3) against the plain full-logits one."""
+and reweight actions, the model-units view the NCES engine sees, and that it is off when off."""
 
 from __future__ import annotations
 
@@ -10,44 +9,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import BOS, D_MODEL, make_tiny_model, make_tokens, runner_config
+from conftest import (
+    BOS,
+    D_MODEL,
+    HOOK,
+    causal_cfg,
+    make_tokens,
+    runner_config,
+    trained_causal_sae,
+)
 from sae_lens import SAE, LanguageModelSAETrainingRunner
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.activation_scaler import ActivationScaler
 
-from csae_plugin import CausalSAETrainingRunner, CausalTrainingSAE, CausalTrainingSAEConfig
-from csae_plugin.causal import latent_effects, reference_stats, tail
-from csae_plugin.training import kl as tt
+from csae_plugin import CausalSAETrainingRunner, CausalTrainingSAE
+from csae_plugin.causal import latent_effects, reference_stats
 from csae_plugin.training import verification as vf
 from csae_plugin.training.context import CausalTrainingContext
 
-HOOK = "blocks.0.hook_resid_post"
 SCALE = 2.5  # an activation scaling factor far from 1, so a missing (un)scale shows
-
-
-def causal_cfg(activation: str = "topk", **kw) -> CausalTrainingSAEConfig:
-    kw.setdefault("k", 4)
-    kw.setdefault("lambda_kl", 0.0)
-    return CausalTrainingSAEConfig(d_in=D_MODEL, d_sae=64, activation=activation, **kw)
-
-
-def trained_sae(
-    activation: str = "topk", steps: int = 20, **kw
-) -> tuple[CausalTrainingSAE, torch.optim.Adam]:
-    """A causal SAE briefly trained on random activations, and its Adam (with state)."""
-    torch.manual_seed(0)
-    sae = CausalTrainingSAE(causal_cfg(activation, **kw))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for step in range(steps):
-        x = torch.randn(128, D_MODEL) * 3 + 1
-        out = sae.training_forward_pass(
-            TrainStepInput(x, {"l1": 1e-3, "kl": 0.0}, None, step, False)
-        )
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return sae, opt
 
 
 def context_for(
@@ -66,17 +46,20 @@ def context_for(
     return context
 
 
+def run_verifying(sae_cfg, steps: int, model, dataset) -> CausalSAETrainingRunner:
+    """The causal runner, ``steps`` steps of 64 tokens, verifying on 16 sequences; after its run."""
+    cfg = runner_config(sae_cfg, training_tokens=64 * steps)
+    runner = CausalSAETrainingRunner(
+        cfg, override_model=model, override_dataset=dataset, verify_tokens=make_tokens(16, seed=3)
+    )
+    runner.run()
+    return runner
+
+
 # 1. with verify_every set, training through the causal runner verifies and keeps a history
 def test_runner_training_runs_verification_and_keeps_its_history(tiny_model, tiny_dataset):
     sae_cfg = causal_cfg(verify_every=4, verify_latents=16, lambda_kl=1.0, kl_every=4)
-    cfg = runner_config(sae_cfg, training_tokens=64 * 16)  # 16 steps of 64 tokens
-    runner = CausalSAETrainingRunner(
-        cfg,
-        override_model=tiny_model,
-        override_dataset=tiny_dataset,
-        verify_tokens=make_tokens(16, seed=3),
-    )
-    runner.run()
+    runner = run_verifying(sae_cfg, 16, tiny_model, tiny_dataset)  # 16 steps of 64 tokens
     history = runner.sae.causal_context.history
     assert [entry["step"] for entry in history] == [4, 8, 12]
     for entry in history:
@@ -88,7 +71,7 @@ def test_runner_training_runs_verification_and_keeps_its_history(tiny_model, tin
 
 # 2. the latest verification is in every later step's metrics (what SAELens's logger logs)
 def test_latest_verification_reaches_the_step_metrics(tiny_model):
-    sae, _ = trained_sae(verify_every=2, verify_latents=8)
+    sae, _ = trained_causal_sae(steps=20, verify_every=2, verify_latents=8)
     context_for(tiny_model, sae)
     x = torch.randn(64, D_MODEL)
     out = sae.training_forward_pass(TrainStepInput(x, {"kl": 0.0}, None, 1, False))
@@ -103,7 +86,9 @@ def test_latest_verification_reaches_the_step_metrics(tiny_model):
 
 # 3. resample re-initialises exactly the dead latents of the subset and zeroes their Adam state
 def test_resample_reinitialises_only_the_dead_latents_and_their_adam_state(tiny_model):
-    sae, opt = trained_sae(verify_latents=16)  # cap: 16 // 4 = 4 latents per verification
+    sae, opt = trained_causal_sae(
+        steps=20, verify_latents=16
+    )  # cap: 16 // 4 = 4 latents per verification
     context = context_for(tiny_model, sae, optimizer=opt)
     with torch.no_grad():
         sae.b_enc[2] = -1e4  # never fires
@@ -150,9 +135,9 @@ def test_resample_reinitialises_only_the_dead_latents_and_their_adam_state(tiny_
 
 
 # 4. reweight raises the L1 weight of inert latents that fire, relaxes verified ones, and
-#    scales the L1 term (its config validation for non-relu SAEs is in test_saes.py)
+#    scales the L1 term (its config validation for non-relu SAEs is in saes/test_causal.py)
 def test_reweight_raises_l1_weights_of_inert_latents_only():
-    sae = CausalTrainingSAE(causal_cfg("relu", verify_action="reweight"))
+    sae = CausalTrainingSAE(causal_cfg("relu", verify_action="reweight", lambda_kl=0.0))
     with torch.no_grad():
         sae.l1_weights[[0, 4]] = torch.tensor([3.0, 6.0])
     details = pd.DataFrame(
@@ -181,16 +166,14 @@ def test_reweight_raises_l1_weights_of_inert_latents_only():
 
 def test_reweight_through_the_runner_changes_l1_weights(tiny_model, tiny_dataset):
     sae_cfg = causal_cfg(
-        "relu", verify_every=4, verify_latents=32, verify_action="reweight", l1_coefficient=1e-3
+        "relu",
+        verify_every=4,
+        verify_latents=32,
+        verify_action="reweight",
+        l1_coefficient=1e-3,
+        lambda_kl=0.0,
     )
-    cfg = runner_config(sae_cfg, training_tokens=64 * 10)
-    runner = CausalSAETrainingRunner(
-        cfg,
-        override_model=tiny_model,
-        override_dataset=tiny_dataset,
-        verify_tokens=make_tokens(16, seed=3),
-    )
-    runner.run()
+    runner = run_verifying(sae_cfg, 10, tiny_model, tiny_dataset)
     history = runner.sae.causal_context.history
     assert len(history) == 2 and sum(h["n_reweighted"] for h in history) > 0
     assert runner.sae.l1_weights.max() > 1.0 and runner.sae.l1_weights.min() >= 1.0
@@ -200,7 +183,7 @@ def test_reweight_through_the_runner_changes_l1_weights(tiny_model, tiny_dataset
 #    the saved inference SAE with the activation scaling folded in
 @pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk"])
 def test_model_units_view_matches_the_folded_inference_sae(tiny_model, tmp_path, activation):
-    sae, _ = trained_sae(activation)
+    sae, _ = trained_causal_sae(activation, steps=20)
     sae.eval()
     view = vf.ModelUnitsSAE(sae, ActivationScaler(scaling_factor=SCALE), HOOK)
     folded = copy.deepcopy(sae)
@@ -260,59 +243,3 @@ def test_terms_off_means_no_verification_and_plain_saelens_training(
     assert ours.sae.causal_context.history == []
     for name, param in plain.named_parameters():
         assert torch.equal(dict(ours_sae.named_parameters())[name], param), name
-
-
-# 7. the lean KL term (chunked, tail-only; training.kl.spliced_kl) equals the plain
-#    full-logits KL(p_clean || p_spliced) in value and in its gradient wrt the SAE
-def kl_clean_vs_spliced(
-    clean_logits: torch.Tensor, spliced_logits: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Mean over scored positions of KL(p_clean || p_spliced), in nats, from full logits."""
-    clean_logp = F.log_softmax(clean_logits.float(), dim=-1)
-    spliced_logp = F.log_softmax(spliced_logits.float(), dim=-1)
-    kl = F.kl_div(spliced_logp, clean_logp, log_target=True, reduction="none").sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _plain_spliced_kl(context: CausalTrainingContext, sae, tokens: torch.Tensor) -> torch.Tensor:
-    mask = tail.special_token_mask(tokens, context.special_ids)
-    with torch.no_grad():
-        clean, cache = context.model.run_with_cache(tokens, names_filter=[context.hook_name])
-    x = cache[context.hook_name]
-    recon = context.scaler.unscale(sae.decode(sae.encode(context.scaler.scale(x))))
-    spliced = torch.where(mask.unsqueeze(-1), recon, x)
-    logits = context.model.run_with_hooks(
-        tokens, fwd_hooks=[(context.hook_name, lambda act, hook: spliced)]
-    )
-    return kl_clean_vs_spliced(clean, logits, mask)
-
-
-@pytest.mark.parametrize(
-    ("hook", "softcap"),
-    [(HOOK, None), ("blocks.1.hook_resid_pre", 5.0), ("blocks.0.hook_mlp_out", None)],
-)
-def test_lean_kl_equals_the_plain_full_logits_kl(monkeypatch, hook, softcap):
-    model = make_tiny_model()
-    model.cfg.output_logits_soft_cap = softcap
-    monkeypatch.setattr(tt, "KL_CHUNK_BYTES", 4 * 64 * 7)  # 7-row chunks: several, one partial
-    torch.manual_seed(0)
-    sae = CausalTrainingSAE(causal_cfg())
-    context = CausalTrainingContext(
-        model=model,
-        hook_name=hook,
-        next_tokens=None,
-        special_ids=torch.tensor([BOS]),
-        scaler=ActivationScaler(scaling_factor=SCALE),
-    )
-    tokens = make_tokens(6, seed=4)
-    grads = []
-    values = []
-    for kl_fn in (context.spliced_kl, lambda s, t: _plain_spliced_kl(context, s, t)):
-        kl = kl_fn(sae, tokens)
-        kl.backward()
-        values.append(kl.detach())
-        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
-        sae.zero_grad()
-    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-7)
-    for name, grad in grads[1].items():
-        torch.testing.assert_close(grads[0][name], grad, rtol=1e-4, atol=1e-7)

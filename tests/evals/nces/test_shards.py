@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TESTS
 
 from csae_plugin.causal.engine import LatentEffects
 from csae_plugin.evals.nces import shards
 
-WORKER = Path(__file__).with_name("shard_worker.py")
+WORKER = TESTS / "shard_worker.py"  # beside conftest, which it imports
 RESULT = "results/tiny_sharded_eval_results.json"
 
 

@@ -9,14 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import BOS, D_MODEL, make_tiny_model, make_tokens
+from conftest import BOS, D_MODEL, HOOK, make_tiny_model, make_tokens
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
 from csae_plugin.evals import probing as pr
 
 CUE, TARGET = 7, 9  # TARGET always follows CUE, so "next token is TARGET" is visible at CUE
-HOOK = "blocks.0.hook_resid_post"
 D_SAE = 24
 PLANTED = 5  # reads hook_embed and fires exactly at CUE tokens
 NINE = pr.Concept("nine", frozenset({TARGET}))

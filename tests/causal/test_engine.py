@@ -1,25 +1,32 @@
-"""The batched intervention engine: equal to the naive reference, invariances, the random-decoder
-null, dead latents, memory that does not grow with the number of latents, and input errors."""
+"""The batched intervention engine (``csae_plugin/causal/engine.py``): equal to the naive
+reference, invariances, the random-decoder null, dead latents, memory that does not grow with the
+number of latents, input errors, several nulls in one run, half-precision models and the tail
+after a clean prefix."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from sae_lens import (
-    GatedSAE,
-    GatedSAEConfig,
-    JumpReLUSAE,
-    JumpReLUSAEConfig,
-    StandardSAE,
-    StandardSAEConfig,
-    TopKSAE,
-    TopKSAEConfig,
+from conftest import make_tiny_model
+from engine_setup import (
+    BOS,
+    D_MODEL,
+    D_SAE,
+    D_VOCAB,
+    MLP_OUT,
+    N_CTX,
+    POST,
+    PRE,
+    SAE_KINDS,
+    eval_tokens,
+    make_sae,
+    reference_tokens,
+    sae_and_stats,
+    tiny_model,
 )
-from sae_lens.saes.sae import SAEMetadata
 from scipy import stats as scipy_stats
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -27,119 +34,10 @@ from csae_plugin import causal as iv
 from csae_plugin.causal import engine, tail
 from csae_plugin.causal.nces import effects_details
 
-D_MODEL = 32
-D_VOCAB = 100
-N_CTX = 16
-D_SAE = 48
-BOS = 0
-POST = "blocks.0.hook_resid_post"
-PRE = "blocks.1.hook_resid_pre"
-MLP_OUT = "blocks.1.hook_mlp_out"
-SAE_KINDS = ("standard", "topk", "jumprelu", "gated")
 
-
-@functools.cache
-def tiny_model(seed: int = 0) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=D_MODEL,
-        n_heads=4,
-        d_head=8,
-        d_vocab=D_VOCAB,
-        n_ctx=32,
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=seed,
-    )
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
-
-
-@functools.cache
-def tokens(n_seq: int = 160, seed: int = 0) -> torch.Tensor:
-    """Random token rows with BOS at position 0: rows [0, 64) are reference, the rest eval."""
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.randint(1, D_VOCAB, (n_seq, N_CTX), generator=gen)
-    out[:, 0] = BOS
-    return out
-
-
-def reference_tokens() -> torch.Tensor:
-    return tokens()[:64]
-
-
-def eval_tokens() -> torch.Tensor:
-    return tokens()[64:]
-
-
-def make_sae(kind: str, hook: str, seed: int = 0, d_in: int = D_MODEL):
-    """An SAELens SAE whose latents fire on the tiny model: W_enc = W_dec.T, negative biases.
-
-    Decoder rows get uneven norms, so TopK's rescale_acts_by_decoder_norm makes the effective
-    direction differ from W_dec[i].
-    """
-    meta = SAEMetadata(hook_name=hook)
-    if kind == "standard":
-        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=D_SAE, metadata=meta))
-    elif kind == "topk":
-        cfg = TopKSAEConfig(
-            d_in=d_in, d_sae=D_SAE, k=8, rescale_acts_by_decoder_norm=True, metadata=meta
-        )
-        sae = TopKSAE(cfg)
-    elif kind == "jumprelu":
-        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=D_SAE, metadata=meta))
-    else:
-        sae = GatedSAE(GatedSAEConfig(d_in=d_in, d_sae=D_SAE, metadata=meta))
-    gen = torch.Generator().manual_seed(seed)
-    w_dec = torch.randn(D_SAE, d_in, generator=gen)
-    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
-    with torch.no_grad():
-        sae.W_enc.copy_(w_dec.T)
-        sae.W_dec.copy_(w_dec * torch.empty(D_SAE, 1).uniform_(0.5, 2.0, generator=gen))
-        if kind == "gated":
-            sae.b_gate.fill_(-0.5)
-            sae.b_mag.fill_(0.1)
-        else:
-            sae.b_enc.fill_(-0.5)
-        if kind == "jumprelu":
-            sae.threshold.fill_(0.1)
-    return sae
-
-
-@functools.cache
-def sae_and_stats(kind: str, hook: str):
-    sae = make_sae(kind, hook)
-    stats = iv.reference_stats(tiny_model(), sae, reference_tokens(), bos_token_id=BOS)
-    return sae, stats
-
-
-def naive_arrays(model, sae, toks, effects, stats, seed: int = 0):
+def naive_arrays(model, sae, effects, stats):
     """The naive reference on exactly the engine's latents, sequences and random draws."""
-    effect = np.full(effects.effect.shape, np.nan)
-    null = np.full(effects.null_per_draw.shape, np.nan)
-    directions = iv.decoder_directions(sae, torch.as_tensor(effects.latents))
-    for li, latent in enumerate(effects.latents):
-        dirs = iv.latent_null_directions(
-            stats, int(latent), effects.null_draws, seed, effects.nulls[0], directions[li]
-        )
-        for j, row in enumerate(effects.sequences[li]):
-            if row < 0:
-                continue
-            values = iv.resample_values(stats, int(latent), int(row), toks.shape[1], seed)
-            effect[li, j], null[li, j] = iv.naive_latent_effect(
-                model,
-                sae,
-                toks[row],
-                int(latent),
-                stats,
-                intervention=effects.intervention,
-                alpha=effects.alpha,
-                null_dirs=dirs,
-                resample_values=values,
-                bos_token_id=BOS,
-            )
-    return effect, null
+    return iv.naive_latent_effects(model, sae, eval_tokens(), effects, stats, bos_token_id=BOS)
 
 
 def run_engine(sae, stats, latents, **kw):
@@ -159,7 +57,7 @@ def test_1_engine_equals_naive_reference(kind, hook, intervention):
     sae, stats = sae_and_stats(kind, hook)
     effects = run_engine(sae, stats, [0, 5, 11], intervention=intervention, alpha=0.5)
     assert (effects.n_sequences == 2).all()
-    effect, null = naive_arrays(tiny_model(), sae, eval_tokens(), effects, stats)
+    effect, null = naive_arrays(tiny_model(), sae, effects, stats)
     np.testing.assert_allclose(effects.effect, effect, rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(effects.null_per_draw, null, rtol=1e-4, atol=1e-9)
     assert np.nanmin(effects.effect) > 0 and np.nanmin(effects.null_per_draw) > 0
@@ -170,7 +68,7 @@ def test_1_engine_equals_naive_reference_inside_a_block():
     sae, stats = sae_and_stats("standard", MLP_OUT)
     for intervention in ("zero", "steer"):
         effects = run_engine(sae, stats, [1, 2], intervention=intervention)
-        effect, null = naive_arrays(tiny_model(), sae, eval_tokens(), effects, stats)
+        effect, null = naive_arrays(tiny_model(), sae, effects, stats)
         np.testing.assert_allclose(effects.effect, effect, rtol=1e-4, atol=1e-9)
         np.testing.assert_allclose(effects.null_per_draw, null, rtol=1e-4, atol=1e-9)
 
@@ -370,70 +268,7 @@ def test_8_bad_inputs_raise_one_line_errors():
     assert f"model produced NaN activations at {POST}" in error(model=broken)
 
 
-# 9. the nulls: what each random direction keeps of the latent's own direction
-def test_9_null_directions_have_the_promised_shape():
-    """``matched`` keeps the latent's energy in each spectral band exactly (every draw),
-    ``matched_eigen`` in each principal direction on average over draws, ``covariance``
-    follows the eigenvalues, ``isotropic`` is flat; a latent along one principal direction
-    gets nulls along that same direction (up to sign)."""
-    _, stats = sae_and_stats("standard", POST)
-    basis = stats.cov_eigvecs.float()
-    gen = torch.Generator().manual_seed(0)
-    direction = torch.randn(D_MODEL, generator=gen) * torch.linspace(0.05, 3.0, D_MODEL)
-    target = (direction @ basis) ** 2 / direction.norm() ** 2
-    bands = iv.spectral_bands(stats.cov_eigvals)
-    n_bands = int(bands.max()) + 1
-
-    def draws(null: str, d: torch.Tensor | None = direction) -> torch.Tensor:
-        u = iv.null_directions(stats, 20_000, torch.Generator().manual_seed(1), null, d)
-        assert torch.allclose(u.norm(dim=1), torch.ones(len(u)), atol=1e-5)
-        return (u @ basis) ** 2
-
-    def per_band(energy: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*energy.shape[:-1], n_bands).index_add_(-1, bands, energy)
-
-    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(np.corrcoef(a.numpy(), b.numpy())[0, 1])
-
-    matched = draws("matched")
-    torch.testing.assert_close(per_band(matched), per_band(target).expand_as(per_band(matched)))
-    eigen, covariance = draws("matched_eigen").mean(0), draws("covariance").mean(0)
-    isotropic = draws("isotropic").mean(0)
-    assert corr(eigen, target) > 0.98
-    assert corr(covariance, stats.cov_eigvals.float()) > 0.98
-    assert float(isotropic.max() / isotropic.min()) < 1.2
-    assert corr(covariance, target) < 0.9  # the nulls differ, so the checks above can fail
-    for null in ("matched", "matched_eigen"):
-        along = iv.null_directions(stats, 8, gen, null, 2.0 * basis[:, -1])
-        np.testing.assert_allclose((along @ basis[:, -1]).abs().numpy(), 1.0, atol=1e-5)
-        with pytest.raises(ValueError, match="needs the latent's decoder direction"):
-            iv.null_directions(stats, 2, gen, null)
-
-
-def test_9_bands_never_split_nearly_equal_eigenvalues():
-    lam = torch.tensor([0.0, 1e-12, 1.0, 1.001, 1.5, 1.5, 3.0, 3.02, 3.05, 10.0])
-    assert iv.spectral_bands(lam).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3, 4]
-
-
-def test_9_matched_null_is_invariant_to_rotations_within_a_band():
-    """Rounding can rotate eigenvectors whose eigenvalues nearly coincide into each other
-    (another thread count, CPU or device): the ``matched`` draws must not move, where 0.2.0's
-    ``matched_eigen`` draws do."""
-    sae, stats = sae_and_stats("standard", POST)
-    lam = stats.cov_eigvals.clone()
-    lam[-3] = lam[-2] * (1 - 1e-4)  # two nearly coincident eigenvalues share a band
-    c, s_ = np.cos(0.5), np.sin(0.5)
-    rotation = torch.eye(D_MODEL, dtype=stats.cov_eigvecs.dtype)
-    rotation[-3:-1, -3:-1] = torch.tensor([[c, -s_], [s_, c]], dtype=rotation.dtype)
-    plain = replace(stats, cov_eigvals=lam)
-    rotated = replace(stats, cov_eigvals=lam, cov_eigvecs=stats.cov_eigvecs @ rotation)
-    d = iv.decoder_directions(sae, torch.tensor([3]))[0].detach()
-    for null, moves in (("matched", False), ("matched_eigen", True)):
-        a = iv.latent_null_directions(plain, 3, 16, 0, null, d)
-        b = iv.latent_null_directions(rotated, 3, 16, 0, null, d)
-        assert (float((a - b).abs().max()) > 1e-3) == moves, null
-
-
+# 9. several nulls in one run
 def test_9_several_nulls_in_one_run_equal_separate_runs():
     """Each null of a joint run gives exactly the numbers of a run with that null alone (its
     own random stream), and the real effect is computed once for all."""
@@ -485,13 +320,9 @@ def test_10_bfloat16_model_gives_the_float32_effects_within_tolerance():
 def tiny_gemma3() -> HookedTransformer:
     """A random 3-layer model of Gemma 3's architecture (rotary with local and global bases,
     one key-value head, query/key norms, a sliding window shorter than the context)."""
-    cfg = HookedTransformerConfig(
+    return make_tiny_model(
         n_layers=3,
-        d_model=D_MODEL,
-        n_heads=4,
-        d_head=8,
         n_key_value_heads=1,
-        d_mlp=64,
         d_vocab=D_VOCAB,
         n_ctx=32,
         act_fn="gelu_pytorch_tanh",
@@ -508,11 +339,8 @@ def tiny_gemma3() -> HookedTransformer:
         window_size=4,
         attn_types=["local", "global", "local"],
         original_architecture="Gemma3ForCausalLM",
-        seed=0,
+        default_prepend_bos=True,
     )
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
 
 
 @pytest.mark.parametrize("hook", [POST, MLP_OUT])
@@ -541,28 +369,6 @@ def test_11_tail_after_clean_prefix_equals_naive_on_gemma3_architecture(hook, mo
         progress=False,
     )
     assert max(starts) > 1  # the prefix was reused, past the first scored position
-    effect, null = naive_arrays(model, sae, eval_tokens(), effects, stats)
+    effect, null = naive_arrays(model, sae, effects, stats)
     np.testing.assert_allclose(effects.effect, effect, rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(effects.null_per_draw, null, rtol=1e-4, atol=1e-9)
-
-
-def test_12_null_draws_do_not_depend_on_eigenvector_signs(monkeypatch):
-    """Rounding can flip an eigenvector's sign; the stats fix each column's largest entry
-    positive, so the null's draws survive a flip."""
-    sae, stats = sae_and_stats("standard", POST)
-    vecs = stats.cov_eigvecs
-    assert (vecs.gather(0, vecs.abs().argmax(0, keepdim=True)) > 0).all()
-    eigh = torch.linalg.eigh
-
-    def flipping_eigh(matrix):
-        values, vectors = eigh(matrix)
-        return values, vectors * torch.where(torch.arange(len(values)) % 2 == 0, -1.0, 1.0)
-
-    monkeypatch.setattr(torch.linalg, "eigh", flipping_eigh)
-    again = iv.reference_stats(tiny_model(), sae, reference_tokens(), bos_token_id=BOS)
-    torch.testing.assert_close(again.cov_eigvecs, vecs)
-    d = iv.decoder_directions(sae, torch.tensor([3]))[0]
-    torch.testing.assert_close(
-        iv.latent_null_directions(again, 3, 4, 0, "matched", d),
-        iv.latent_null_directions(stats, 3, 4, 0, "matched", d),
-    )

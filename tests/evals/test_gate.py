@@ -8,7 +8,7 @@ import shutil
 
 import pandas as pd
 import pytest
-from test_cli import FAST, one_error_line, save_standard
+from conftest import FAST, one_error_line, save_standard
 
 from csae_plugin import cli
 from csae_plugin.evals import EvalInputError

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOS, D_MODEL, D_VOCAB, make_tokens
+from conftest import BOS, D_MODEL, D_VOCAB, HOOK, make_tiny_model, make_tokens
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 from transformer_lens.utilities.tokenize_utils import get_attention_mask
 
 from csae_plugin.causal import tail
@@ -29,22 +29,7 @@ HOOKS = [f"blocks.{layer}.{kind}" for kind in KINDS for layer in (0, 1, N_LAYERS
 @functools.cache
 def three_layer_model() -> HookedTransformer:
     """conftest's tiny model with a third block, so first, middle and last layers differ."""
-    cfg = HookedTransformerConfig(
-        n_layers=N_LAYERS,
-        d_model=D_MODEL,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        d_vocab=D_VOCAB,
-        n_ctx=16,
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-        default_prepend_bos=False,
-    )
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
+    return make_tiny_model(n_layers=N_LAYERS)
 
 
 def padded(padding: str) -> tuple[HookedTransformer, torch.Tensor]:
@@ -69,10 +54,9 @@ def tail_logits(model, plan, start_input, x, mask) -> torch.Tensor:
     return tail.logits(model, h.flatten(0, 1)).reshape(*h.shape[:2], -1)
 
 
-# 1. capture + tail forward with x unchanged is the model's own forward, padded or not
-@pytest.mark.parametrize("padding", ["none", "left", "right"])
-@pytest.mark.parametrize("hook", [*HOOKS, "hook_embed"])
-def test_1_unperturbed_tail_reproduces_the_model(hook, padding):
+def unperturbed_tail(padding: str, hook: str, masked: bool = True):
+    """The model's logits and the tail's with x unchanged (attention mask given to the tail or
+    not), on the ``padded`` rows: ``(not_pad, mask, expected, tail's)``."""
     model, tokens = padded(padding)
     try:
         plan = tail.plan_hook(model, hook, D_MODEL)
@@ -80,9 +64,17 @@ def test_1_unperturbed_tail_reproduces_the_model(hook, padding):
         with torch.no_grad():
             expected = model(tokens)
             x, start_input = tail.capture(model, plan, tokens, mask)
-            ours = tail_logits(model, plan, start_input, x, mask)
+            ours = tail_logits(model, plan, start_input, x, mask if masked else None)
     finally:
         model.tokenizer = None
+    return not_pad, mask, expected, ours
+
+
+# 1. capture + tail forward with x unchanged is the model's own forward, padded or not
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("hook", [*HOOKS, "hook_embed"])
+def test_1_unperturbed_tail_reproduces_the_model(hook, padding):
+    not_pad, mask, expected, ours = unperturbed_tail(padding, hook)
     assert (mask is not None) == (padding == "left")
     assert int((~not_pad).sum()) == (0 if padding == "none" else 3 + 7 + 12)
     torch.testing.assert_close(ours[not_pad], expected[not_pad], rtol=1e-5, atol=1e-5)
@@ -91,16 +83,7 @@ def test_1_unperturbed_tail_reproduces_the_model(hook, padding):
 def test_1_left_padding_needs_the_mask():
     """Without the attention mask the tail lets real tokens attend to left padding (probing's
     old tail did): the logits at real positions then differ from the model's."""
-    model, tokens = padded("left")
-    try:
-        plan = tail.plan_hook(model, "blocks.0.hook_resid_post")
-        not_pad, mask = tail.padding_masks(model, tokens)
-        with torch.no_grad():
-            expected = model(tokens)
-            x, start_input = tail.capture(model, plan, tokens, mask)
-            unmasked = tail_logits(model, plan, start_input, x, None)
-    finally:
-        model.tokenizer = None
+    not_pad, _, expected, unmasked = unperturbed_tail("left", HOOK, masked=False)
     assert (unmasked - expected)[not_pad].abs().max() > 1e-2
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BOS, D_MODEL, make_tiny_model, make_tokens
+from conftest import BOS, D_MODEL, HOOK, make_tiny_model, make_tokens
 
 from csae_plugin.evals.reference_saes import (
     RANDOM_SHAPES,
@@ -16,8 +16,6 @@ from csae_plugin.evals.reference_saes import (
     save_reference_saes,
 )
 from csae_plugin.saes.loading import load_sae_from_folder
-
-HOOK = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
