@@ -1,6 +1,7 @@
 """Workarounds for the pinned dependency set, in one place: every change the package makes to
-another library's modules (datasets' torchvision flag, gguf's reader, SAELens's cache runner's
-model loader) and the notices and progress bars it silences.
+another library's modules or objects (datasets' torchvision flag, gguf's reader, SAELens's cache
+runner's model loader, SAELens's trainer's progress bar) and the notices and progress bars it
+silences.
 
 sae-bench pins ``datasets < 4``. datasets 3.x formats torch tensors through
 ``from torchvision.io import VideoReader`` whenever torchvision is importable, and torchvision
@@ -13,8 +14,10 @@ plugin needs.
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +128,15 @@ def cache_runner_uses(model: Any) -> Iterator[None]:
 
     with mock.patch.object(cache_activations_runner, "load_model", lambda **_: model):
         yield
+
+
+def sparse_progress_bar(trainer: Any, steps: int) -> None:
+    """Move a SAELens ``SAETrainer``'s progress bar about 50 times over a run of ``steps``
+    steps in a terminal, 10 times into a log file (its private ``_update_pbar``, on this one
+    trainer, gets a matching ``update_interval``).
+
+    SAELens moves the bar every 100 steps, so a short run would show 0% to the end; into a log
+    file (not a terminal) every move is a new chunk of text.
+    """
+    moves = 50 if sys.stderr.isatty() else 10
+    trainer._update_pbar = partial(trainer._update_pbar, update_interval=max(1, steps // moves))

@@ -116,8 +116,9 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
             fine-tune phase (Karvonen 2025, arXiv 2503.17272). Paired with many sequences per
             KL step, each step's gradient is signal rather than noise (``evals/REPORT.md``).
         kl_dtype: ``float32``, or ``bfloat16``: the KL step's pass through the model after the
-            hook and its unembedding run in bfloat16 (log-softmax and KL in float32), about
-            twice as fast on CPUs and GPUs with bfloat16 matrix units.
+            hook and its unembedding run in bfloat16 (log-softmax and KL in float32), faster on
+            CPUs and GPUs with bfloat16 matrix units (``python -m evals.study.study --finetune``
+            times both).
         fisher_sequences: token sequences F is estimated on (``kl_estimator="fisher"``).
         fisher_samples: sampled-label backward passes per sequence for F.
         verify_every: run causal verification every this many steps (term 4); 0 switches it off.

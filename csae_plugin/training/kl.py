@@ -1,5 +1,6 @@
-"""Term 3 of csae.md: KL(p_clean || p_spliced), the model's output with the SAE's reconstruction
-spliced in at the hook against the clean one, differentiable in the SAE and reduced in chunks."""
+"""Term 3 of the causal SAE's loss (README, "The causal SAE's loss"): KL(p_clean || p_spliced),
+the model's output with the SAE's reconstruction spliced in at the hook against the clean one,
+differentiable in the SAE and reduced in chunks."""
 
 from __future__ import annotations
 
@@ -7,23 +8,11 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import softcap_enabled
 
 from csae_plugin.causal.tail import HookPlan, capture, padding_masks, run_tail, special_token_mask
-
-
-def kl_clean_vs_spliced(
-    clean_logits: torch.Tensor, spliced_logits: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Mean over scored positions of KL(p_clean || p_spliced), in nats."""
-    clean_logp = F.log_softmax(clean_logits.float(), dim=-1)
-    spliced_logp = F.log_softmax(spliced_logits.float(), dim=-1)
-    kl = F.kl_div(spliced_logp, clean_logp, log_target=True, reduction="none").sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
-
 
 KL_CHUNK_BYTES = 64 * 2**20
 """Budget for one chunk of logits [rows, d_vocab] in the KL term (bounds its peak memory)."""

@@ -8,9 +8,7 @@ runner for the baselines). This module only builds the configs; the training is 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from sae_lens.config import LoggingConfig
 from sae_lens.saes.sae import TrainingSAEConfig
 from transformer_lens import HookedTransformer
 
-from csae_plugin._compat import quiet_library_notices
+from csae_plugin._compat import quiet_library_notices, sparse_progress_bar
 from csae_plugin.data import as_hf_dataset
 from csae_plugin.saes.causal import CausalTrainingSAEConfig
 from csae_plugin.training.cache import STORE_BATCH_PROMPTS, hook_width
@@ -115,9 +113,9 @@ def activations_read(
 class _MeanInitRunner(CausalSAETrainingRunner):
     """The runner, with every SAE's ``b_dec`` started at the mean training activation.
 
-    Residual streams carry a large constant component (Gemma's is ~20x the per-token spread
-    in scaled units), which short training budgets cannot learn from a zero ``b_dec``; every
-    architecture gets the same start, so comparisons stay fair.
+    Residual streams carry a large constant component, many times the per-token spread
+    (measured in ``docs/benchmarks.md``), which short training budgets cannot learn from a zero
+    ``b_dec``; every architecture gets the same start, so comparisons stay fair.
     """
 
     def run_trainer_with_interruption_handling(self, trainer: Any):
@@ -131,11 +129,7 @@ class _MeanInitRunner(CausalSAETrainingRunner):
         batch = torch.cat([next(trainer.data_provider) for _ in range(MEAN_INIT_BATCHES)])
         with torch.no_grad():
             self.sae.b_dec.copy_(scaler.scale(batch).mean(0).to(self.sae.b_dec))
-        # SAELens moves its bar every 100 steps; short runs would show 0% to the end. Into a
-        # log file (not a terminal) every move is a new chunk of text: move it 10 times only.
-        steps = self.cfg.total_training_steps
-        moves = 50 if sys.stderr.isatty() else 10
-        trainer._update_pbar = partial(trainer._update_pbar, update_interval=max(1, steps // moves))
+        sparse_progress_bar(trainer, self.cfg.total_training_steps)
         return super().run_trainer_with_interruption_handling(trainer)
 
 
@@ -162,9 +156,8 @@ def train_sae(
     back from there (so what is evaluated is exactly what a user would load), together with
     the runner (whose causal context, if any, holds the verification history). The activation
     scale is estimated on ``norm_estimate_batches`` training batches (SAELens's default 1,000
-    would cost more than the whole training on a CPU). The default learning rate suits short
-    budgets: on Gemma 3 270M layer 6, a TopK SAE (2048 x k 32, 100k tokens) reached explained
-    variance 0.80 at 1e-3 against 0.38 at SAELens's default 3e-4.
+    would cost more than the whole training on a CPU). The default learning rate, above
+    SAELens's 3e-4, suits short budgets (measured in ``docs/benchmarks.md``).
 
     With ``cached_activations_path`` (:func:`csae_plugin.training.cache.cache_activations`
     of the same ``tokens``), the activations are read from that cache through SAELens's

@@ -13,7 +13,7 @@ causal SAE's KL term runs the model (on sequences of the same training set). Ste
 3. targeted probing (six concepts) on the causal and TopK SAEs of every seed.
 4. tables: one row per SAE, mean/sd over seeds, pooled verified fractions, and the goal check.
 
-    python -m evals.study.study                       # everything (~1.5 h on a 2-core CPU)
+    python -m evals.study.study                       # everything (time: docs/benchmarks.md)
     python -m evals.study.study --seeds 0 --no-probe  # one seed, no probing
     python -m evals.study.study --tables-only         # rebuild tables from finished results
     python -m evals.study.study --finetune            # the KL fine-tune study (issue 25)
