@@ -51,32 +51,11 @@ Below the engine's KL accuracy (~1e-12), so it only matters for exactly-zero per
 STOREY_LAMBDA = 0.5
 """p-value above which Storey's estimator counts latents as null (pi0 = #{p > l} / (m (1 - l)))."""
 
-DETAIL_COLUMNS = (
-    "latent",
-    "nces",
-    "ci_low",
-    "ci_high",
-    "percentile",
-    "p_value",
-    "q_value",
-    "verified",
-    "dead",
-    "effect_kl",
-    "null_kl",
-    "n_sequences",
-)
+_SCORE_COLUMNS = ("nces", "ci_low", "ci_high", "percentile", "p_value", "q_value", "verified")
 
+DETAIL_COLUMNS = ("latent", *_SCORE_COLUMNS, "dead", "effect_kl", "null_kl", "n_sequences")
 
-NULL_COLUMNS = (
-    "nces",
-    "ci_low",
-    "ci_high",
-    "percentile",
-    "p_value",
-    "q_value",
-    "verified",
-    "null_kl",
-)
+NULL_COLUMNS = (*_SCORE_COLUMNS, "null_kl")
 """Columns that depend on the null: suffixed ``_<null>`` per null when several were run."""
 
 

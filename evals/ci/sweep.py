@@ -70,19 +70,11 @@ PRESETS = {
         nces_context=64,
         causal={"lambda_kl": 1.0, "kl_every": 10},
     ),
-    "full": Preset(
-        architectures=("causal", "standard", "topk", "batchtopk", "jumprelu"),
-        ks=(16, 32, 64),
-        d_sae=2048,
-        training_tokens=100_000,
-        latents=32,
-        seqs_per_latent=4,
-        null_draws=4,
-        n_eval_sequences=96,
-        nces_context=64,
-        causal={"lambda_kl": 1.0, "kl_every": 10},
-    ),
 }
+PRESETS["full"] = dataclasses.replace(
+    PRESETS["cpu"], d_sae=2048, training_tokens=100_000, latents=32, n_eval_sequences=96
+)
+"""``cpu`` with wider SAEs, more training tokens, latents and evaluation sequences."""
 PRESETS["ci"] = dataclasses.replace(PRESETS["cpu"], architectures=("causal", "topk"), ks=(32,))
 """The CI subset of ``cpu``: the same settings, so its rows are the sweep's rows."""
 
