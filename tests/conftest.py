@@ -76,9 +76,23 @@ SAVED_AS = {"topk": TopKSAE, "batchtopk": JumpReLUSAE, "relu": StandardSAE}
 """The plain SAELens class a causal SAE of each activation is saved as."""
 
 
+EXACT_KL = {
+    "kl_estimator": "exact",
+    "lambda_kl": 1.0,
+    "kl_every": 10,
+    "kl_batch_size": 4,
+    "kl_positions": 0,
+    "kl_finetune_fraction": 0.0,
+    "kl_dtype": "float32",
+}
+"""The exact KL every ``kl_every`` steps over the whole run: the setting the causal-SAE tests
+count model passes and KL steps against, whatever the config's defaults are."""
+
+
 def causal_cfg(activation: str = "topk", **kw) -> CausalTrainingSAEConfig:
-    """A causal SAE's config for the tiny model: 64 latents, ``k`` 4 unless given."""
-    kw.setdefault("k", 4)
+    """A causal SAE's config for the tiny model: 64 latents, ``k`` 4 and :data:`EXACT_KL`
+    unless given."""
+    kw = {"k": 4, **EXACT_KL, **kw}
     return CausalTrainingSAEConfig(d_in=D_MODEL, d_sae=64, activation=activation, **kw)
 
 

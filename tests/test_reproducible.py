@@ -22,7 +22,9 @@ out = {out!r}
 model, tokens = make_tiny_model(), make_tokens(64, seed=5)
 folders = []
 for spec in [
-    TrainSpec("causal", 64, k=4, overrides={{"kl_every": 2, "verify_every": 5,
+    TrainSpec("causal", 64, k=4, overrides={{"kl_estimator": "exact", "kl_every": 2,
+                                             "kl_finetune_fraction": 0.0, "kl_batch_size": 4,
+                                             "verify_every": 5,
                                              "verify_latents": 8, "verify_null_draws": 2}}),
     TrainSpec("topk", 64, k=4),
 ]:

@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     hook = args.hook or (TINY_HOOK if args.model == "tiny" else HOOK)
     causal = {
         "activation": "topk",
+        "kl_estimator": "exact",
+        "kl_finetune_fraction": 0.0,
         "lambda_kl": args.lambda_kl,
         "kl_every": args.kl_every,
         "kl_batch_size": args.kl_batch_size,

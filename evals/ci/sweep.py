@@ -68,7 +68,15 @@ PRESETS = {
         null_draws=4,
         n_eval_sequences=32,
         nces_context=64,
-        causal={"lambda_kl": 1.0, "kl_every": 10},
+        # the causal SAE's 0.3.0 defaults, pinned: the CI reference was measured with them
+        causal={
+            "kl_estimator": "exact",
+            "lambda_kl": 1.0,
+            "kl_every": 10,
+            "kl_batch_size": 4,
+            "kl_positions": 0,
+            "kl_finetune_fraction": 0.0,
+        },
     ),
 }
 PRESETS["full"] = dataclasses.replace(

@@ -52,6 +52,8 @@ def stage_train(check: Check) -> dict[str, Any]:
             s.d_sae,
             s.k,
             {
+                "kl_estimator": "exact",
+                "kl_finetune_fraction": 0.0,
                 "lambda_kl": 1.0,
                 "kl_every": s.kl_every,
                 "verify_every": s.verify_every,

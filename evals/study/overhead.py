@@ -144,7 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for width in args.widths:
         for arch in ARCHITECTURES:
-            overrides = {"lambda_kl": 1.0, "kl_every": 10} if arch == "causal" else {}
+            overrides = (
+                {"kl_estimator": "exact", "kl_finetune_fraction": 0.0, "lambda_kl": 1.0}
+                | {"kl_every": 10, "kl_batch_size": 4}
+                if arch == "causal"
+                else {}
+            )
             rows.append(
                 training_row(
                     model, hook, train, TrainSpec(arch, width, args.k, overrides), args, bos

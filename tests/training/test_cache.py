@@ -9,7 +9,7 @@ import warnings
 import datasets
 import pytest
 import torch
-from conftest import BOS, HOOK, make_tiny_model, make_tokens
+from conftest import BOS, EXACT_KL, HOOK, make_tiny_model, make_tokens
 
 from csae_plugin.training import TrainSpec, cache_activations, train_sae
 from csae_plugin.training.cache import STORE_BATCH_PROMPTS
@@ -40,14 +40,14 @@ def test_activations_cached_once_train_every_architecture_and_the_causal_kl(tmp_
     # SAE's 4 KL steps; with the second-order KL, the one batch its Fisher metric is estimated on
     cases = {
         "topk": ("topk", {}, 0),
-        "causal": ("causal", {"kl_every": 4}, 4),
+        "causal": ("causal", {**EXACT_KL, "kl_every": 4}, 4),
         "causal_fisher": (
             "causal",
-            {"kl_every": 1, "kl_estimator": "fisher", "fisher_sequences": 4},
+            {**EXACT_KL, "kl_every": 1, "kl_estimator": "fisher", "fisher_sequences": 4},
             1,
         ),
         # the KL fine-tune phase: every step of the last quarter of the 16
-        "causal_finetune": ("causal", {"kl_every": 1, "kl_finetune_fraction": 0.25}, 4),
+        "causal_finetune": ("causal", {**EXACT_KL, "kl_every": 1, "kl_finetune_fraction": 0.25}, 4),
     }
     for name, (architecture, overrides, expected) in cases.items():
         forwards.clear()
