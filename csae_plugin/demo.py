@@ -49,8 +49,8 @@ def arg_parser() -> argparse.ArgumentParser:
         choices=["fisher", "exact"],
         default="fisher",
         help="the causal SAE's KL term: its second-order (Fisher) form on every step, estimated "
-        "once (default; the setting of evals/REPORT.md's 'fisher' variant), or the exact KL "
-        "every --kl-every steps (the config's default; mostly noise at this scale)",
+        "once (the config's default), or the exact KL every --kl-every steps (mostly noise "
+        "on a few sequences per step: evals/REPORT.md)",
     )
     parser.add_argument(
         "--lambda-kl",
