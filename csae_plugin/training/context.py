@@ -45,11 +45,22 @@ class CausalTrainingContext:
         self.plan = parse_hook(self.hook_name)  # an unsupported hook fails before training
 
     def spliced_kl(
-        self, sae: torch.nn.Module, tokens: torch.Tensor, positions: int = 0
+        self,
+        sae: torch.nn.Module,
+        tokens: torch.Tensor,
+        positions: int = 0,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """KL(p_clean || p_spliced) on ``tokens`` (:func:`csae_plugin.training.kl.spliced_kl`)."""
         return spliced_kl(
-            self.model, self.plan, sae, tokens, self.special_ids, self.scaler, positions
+            self.model,
+            self.plan,
+            sae,
+            tokens,
+            self.special_ids,
+            self.scaler,
+            positions,
+            compute_dtype=compute_dtype,
         )
 
     def in_kl_phase(self, step: int, finetune_fraction: float) -> bool:
@@ -67,16 +78,7 @@ class CausalTrainingContext:
     def kl_term(self, sae: CausalTrainingSAE) -> torch.Tensor:
         tokens = self.next_tokens(sae.cfg.kl_batch_size)
         dtype = torch.bfloat16 if sae.cfg.kl_dtype == "bfloat16" else None
-        return spliced_kl(
-            self.model,
-            self.plan,
-            sae,
-            tokens,
-            self.special_ids,
-            self.scaler,
-            sae.cfg.kl_positions,
-            compute_dtype=dtype,
-        )
+        return self.spliced_kl(sae, tokens, sae.cfg.kl_positions, compute_dtype=dtype)
 
     def fisher_term(
         self, sae: CausalTrainingSAE, sae_in: torch.Tensor, sae_out: torch.Tensor

@@ -360,12 +360,11 @@ FINETUNE = {
     "kl_positions": 0,
     "kl_finetune_fraction": 0.05,
     "kl_dtype": "bfloat16",
+    "lambda_kl": 4.0,
 }
 """The KL phase: the last 5% of steps (20 of 400), each with the exact KL at every position of
 32 whole sequences (4,064 scored positions) beside the MSE, at ``lambda_kl`` 4 (fixed before
 the runs: no pilot, a KL step cost ~2 min of this CPU shared with other jobs)."""
-FINETUNE_LAMBDAS = (4.0,)
-PILOT_SEED = 9
 FINETUNE_VARIANT_LAMBDAS = (20.0,)
 """Added after seed 0's result (lambda 4 left the CE-loss score at TopK's): a KL weight 5x
 larger, seed 0 only."""
@@ -474,32 +473,14 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
     if "cache_cpu_seconds" not in settings:
         settings["cache_cpu_seconds"] = cache_cpu_seconds(model, train)
-        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_json(settings_path, settings)
     eval_dir = out / "eval_results"
     score_args = (model, splits, PRESET, eval_dir, "zero", 0)
     topk = TrainSpec("topk", PRESET.d_sae, K)
     topk0 = train_one(model, train, cache, bos, "topk_s0", topk, STEPS, 0, out)
     kl_step_measure(model, splits, bos, topk0, out / "kl_step.json")
-    if "lambda_kl" not in settings and len(FINETUNE_LAMBDAS) == 1:
-        settings["lambda_kl"] = FINETUNE_LAMBDAS[0]
-    if "lambda_kl" not in settings:
-        pilots = {}
-        folders = [
-            train_one(model, train, cache, bos, f"topk_s{PILOT_SEED}", topk, STEPS, PILOT_SEED, out)
-        ]
-        for lam in FINETUNE_LAMBDAS:
-            spec = TrainSpec("causal", PRESET.d_sae, K, {**FINETUNE, "lambda_kl": lam})
-            name = f"pilot{lam:g}_s{PILOT_SEED}"
-            folders.append(train_one(model, train, cache, bos, name, spec, STEPS, PILOT_SEED, out))
-        score(["core"], folders, *score_args)
-        for folder in folders:
-            p = eval_dir / "core" / f"local_{folder.name}_eval_results.json"
-            metrics = json.loads(p.read_text())["eval_result_metrics"]
-            pilots[folder.name] = metrics["model_performance_preservation"]["ce_loss_score"]
-        best = max(FINETUNE_LAMBDAS, key=lambda lam: pilots[f"pilot{lam:g}_s{PILOT_SEED}"])
-        settings |= {"pilot_ce_loss_score": pilots, "lambda_kl": best}
-        write_json(settings_path, settings)
-    causal = TrainSpec("causal", PRESET.d_sae, K, {**FINETUNE, "lambda_kl": settings["lambda_kl"]})
+    settings.setdefault("lambda_kl", FINETUNE["lambda_kl"])
+    causal = TrainSpec("causal", PRESET.d_sae, K, dict(FINETUNE))
     causal0 = train_one(model, train, cache, bos, "causal_s0", causal, STEPS, 0, out)
     if "equal_compute_topk_steps" not in settings:
         seconds = {
