@@ -477,12 +477,12 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
     eval_dir = out / "eval_results"
     score_args = (model, splits, PRESET, eval_dir, "zero", 0)
     topk = TrainSpec("topk", PRESET.d_sae, K)
-    topk0 = train_one(model, train, cache, bos, "topk_s0", topk, STEPS, 0, out)
-    kl_step_measure(model, splits, bos, topk0, out / "kl_step.json")
-    settings.setdefault("lambda_kl", FINETUNE["lambda_kl"])
     causal = TrainSpec("causal", PRESET.d_sae, K, dict(FINETUNE))
-    causal0 = train_one(model, train, cache, bos, "causal_s0", causal, STEPS, 0, out)
-    if "equal_compute_topk_steps" not in settings:
+    settings.setdefault("lambda_kl", FINETUNE["lambda_kl"])
+    if not (out / "kl_step.json").is_file() or "equal_compute_topk_steps" not in settings:
+        topk0 = train_one(model, train, cache, bos, "topk_s0", topk, STEPS, 0, out)
+        kl_step_measure(model, splits, bos, topk0, out / "kl_step.json")
+        causal0 = train_one(model, train, cache, bos, "causal_s0", causal, STEPS, 0, out)
         seconds = {
             f.name: json.loads((f / "train_cpu_seconds.json").read_text()) for f in (topk0, causal0)
         }
@@ -496,46 +496,88 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
         write_json(settings_path, settings)
     equal = settings["equal_compute_topk_steps"]
     l1 = calibrate_standard_l1(model, train, cache, bos, out, splits.eval[:16])
-    rows = [
-        ("topk", topk, STEPS),
-        ("causal", causal, STEPS),
-        ("topkequal", topk, equal),
-        ("batchtopk", TrainSpec("batchtopk", PRESET.d_sae, K), STEPS),
-        ("jumprelu", TrainSpec("jumprelu", PRESET.d_sae, K), STEPS),
-        ("standard", TrainSpec("standard", PRESET.d_sae, 0, {"l1_coefficient": l1}), STEPS),
-    ]
+    rows = {
+        "topk": (topk, STEPS),
+        "causal": (causal, STEPS),
+        "topkequal": (topk, equal),
+        "batchtopk": (TrainSpec("batchtopk", PRESET.d_sae, K), STEPS),
+        "jumprelu": (TrainSpec("jumprelu", PRESET.d_sae, K), STEPS),
+        "standard": (TrainSpec("standard", PRESET.d_sae, 0, {"l1_coefficient": l1}), STEPS),
+    }
+    for lam in FINETUNE_VARIANT_LAMBDAS:
+        rows[f"causallambda{lam:g}"] = (
+            TrainSpec("causal", PRESET.d_sae, K, {**FINETUNE, "lambda_kl": lam}),
+            STEPS,
+        )
 
-    def trained(names: tuple[str, ...], seed: int) -> list[Path]:
-        return [
-            train_one(model, train, cache, bos, f"{name}_s{seed}", spec, steps, seed, out)
-            for name, spec, steps in rows
-            if name in names
+    def folder(name: str, seed: int) -> Path:
+        """The SAE ``name`` of ``seed``, trained (again, seeded) unless kept from a run before."""
+        spec, steps = rows[name]
+        return train_one(model, train, cache, bos, f"{name}_s{seed}", spec, steps, seed, out)
+
+    def run(evals: list[str], names: tuple[str, ...], seed: int) -> None:
+        """Score ``evals`` on ``names`` at ``seed``, training only the SAEs that miss a result
+        (the trained SAEs are not kept between sessions)."""
+        missing = [
+            name
+            for name in names
+            for e in evals
+            if not (eval_dir / e / f"local_{name}_s{seed}_eval_results.json").is_file()
         ]
+        if missing:
+            score(evals, [folder(n, seed) for n in dict.fromkeys(missing)], *score_args)
+            finetune_tables(out, settings)
 
-    # the goal's SAEs first (core on every seed), a stronger KL weight on seed 0 (added after
-    # seed 0's result), then NCES and the other baselines, seed by seed, as far as time goes
+    def probe_seed(name: str, seed: int) -> None:
+        path = out / "probing.json"
+        if probe_saes and f"{name}_s{seed}" not in (
+            json.loads(path.read_text()) if path.is_file() else {}
+        ):
+            probe(model, splits, [folder(name, seed)], out)
+
+    # cheapest first, so that what a session's time leaves out is the costly retraining of the
+    # causal SAEs: the goal's core results (every seed), the lambda-20 variant (seed 0, added
+    # after seed 0's result), the other baselines (core and NCES), the reference dictionaries,
+    # NCES and probing of the TopK SAEs, then the causal SAEs' NCES and probing
     goal_saes = ("topk", "causal", "topkequal")
     for seed in seeds:
-        score(["core"], trained(goal_saes, seed), *score_args)
-        finetune_tables(out, settings)
+        run(["core"], goal_saes, seed)
     for lam in FINETUNE_VARIANT_LAMBDAS:
-        spec = TrainSpec("causal", PRESET.d_sae, K, {**FINETUNE, "lambda_kl": lam})
-        folder = train_one(model, train, cache, bos, f"causallambda{lam:g}_s0", spec, STEPS, 0, out)
-        score(["core"], [folder], *score_args)
-        finetune_tables(out, settings)
-    others = tuple(name for name, _, _ in rows if name not in goal_saes)
+        run(["core"], (f"causallambda{lam:g}",), 0)
     for seed in seeds:
-        score(["nces"], trained(goal_saes, seed), *score_args)
-        score(["core", "nces"], trained(others, seed), *score_args)
-        finetune_tables(out, settings)
-    if probe_saes:
-        probe(
-            model,
-            splits,
-            [out / "saes" / f"{a}_s{s}" for s in seeds for a in ("causal", "topk")],
-            out,
-        )
+        run(["core", "nces"], ("batchtopk", "jumprelu", "standard"), seed)
+    score(["nces"], study_references(model, splits, bos, out), *score_args)
+    finetune_tables(out, settings)
+    for seed in seeds:
+        run(["nces"], ("topk", "topkequal"), seed)
+        probe_seed("topk", seed)
+    for seed in seeds:
+        run(["nces"], ("causal",), seed)
+        probe_seed("causal", seed)
     print(finetune_tables(out, settings))
+
+
+STUDY_REFERENCES = ("random_isotropic", "random_covariance", "random_mixture", "planted_fisher")
+"""The fine-tune study's reference dictionaries: random ones (what NCES gives no causal
+structure) and the planted positive control."""
+
+
+def study_references(model, splits, bos: int, out: Path) -> list[Path]:
+    """:data:`STUDY_REFERENCES` at the study's width, built on the rows the NCES null's
+    covariance is read from (so random directions are drawn like their own nulls)."""
+    from csae_plugin.evals.reference_saes import save_reference_saes
+
+    rows = splits.train[: PRESET.n_eval_sequences, : PRESET.nces_context]
+    return save_reference_saes(
+        model,
+        HOOK,
+        rows,
+        out / "saes",
+        d_sae=PRESET.d_sae,
+        kinds=STUDY_REFERENCES,
+        seed=0,
+        bos_token_id=bos,
+    )
 
 
 def finetune_tables(out: Path, settings: dict) -> str:
