@@ -23,12 +23,16 @@ from csae_plugin.evals.api import (
     plot_results,
     writable_dir,
 )
+from csae_plugin.evals.reference_saes import REFERENCE_KINDS
 from csae_plugin.models import EMBEDDED_MODEL, check_hook, load_model
 from csae_plugin.training import TrainSpec, cache_activations, train_sae
 from csae_plugin.training.cache import STORE_BATCH_PROMPTS
 from csae_plugin.training.train import activations_read
 
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
+DEMO_REFERENCES = ("random_isotropic", "random_covariance", "planted_fisher")
+"""The demo's reference dictionaries: random directions with independent firing (NCES must not
+verify them) and the planted control (the top Fisher directions, which it must find)."""
 
 
 def arg_parser() -> argparse.ArgumentParser:
@@ -79,14 +83,32 @@ def arg_parser() -> argparse.ArgumentParser:
         "--reference-latents",
         type=int,
         default=8,
-        help="latents scored per reference dictionary (random, PCA, identity); 0: none",
+        help="latents scored per reference dictionary; 0: none",
+    )
+    parser.add_argument(
+        "--references",
+        nargs="+",
+        choices=REFERENCE_KINDS,
+        default=list(DEMO_REFERENCES),
+        metavar="KIND",
+        help="reference dictionaries scored beside the SAEs (default: %(default)s, the negative "
+        f"and positive controls; choices: {', '.join(REFERENCE_KINDS)})",
     )
     parser.add_argument(
         "--eval-context", type=int, default=64, help="tokens per held-out sequence scored"
     )
     parser.add_argument("--null-draws", type=int, default=4)
     parser.add_argument("--seqs-per-latent", type=int, default=4)
-    parser.add_argument("--n-eval-sequences", type=int, default=32)
+    parser.add_argument(
+        "--n-eval-sequences", type=int, default=32, help="held-out sequences nces draws from"
+    )
+    parser.add_argument(
+        "--core-sequences",
+        type=int,
+        default=16,
+        help="held-out sequences core scores (its clean, spliced and zero-ablated passes run "
+        "the whole model: the demo's costliest eval per sequence; default: %(default)s)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -191,13 +213,13 @@ def main(argv: list[str] | None = None) -> int:
 
     reference_rows = splits.train[: args.n_eval_sequences, : args.eval_context]
 
-    def score(evals: list[str], saes: list[Path], latents: int) -> None:
+    def score(evals: list[str], saes: list[Path], latents: int, sequences: int) -> None:
         evaluate_saes(
             evals=evals,
             sae_specs=[str(f) for f in saes],
             model=model,
-            # core and nces read the same held-out rows, cut to --eval-context tokens
-            eval_tokens=splits.eval[: args.n_eval_sequences, : args.eval_context],
+            # held-out rows, cut to --eval-context tokens (core reads the first of nces's)
+            eval_tokens=splits.eval[:sequences, : args.eval_context],
             reference_tokens=reference_rows,
             output_dir=out / "eval_results",
             device=args.device,
@@ -206,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
             force_rerun=True,
         )
 
-    score(["core", "nces"], folders, args.latents)
-    stage("score (core, nces)")
+    score(["core"], folders, args.latents, args.core_sequences)
+    stage("score core")
+    score(["nces"], folders, args.latents, args.n_eval_sequences)
+    stage("score nces")
     ran = {folder.name for folder in folders}
     if args.reference_latents > 0:
         from csae_plugin.evals.reference_saes import save_reference_saes
 
-        print("[demo] reference dictionaries: random, PCA, identity, planted", flush=True)
+        print(f"[demo] reference dictionaries: {', '.join(args.references)}", flush=True)
         # built on the rows whose covariance the null is drawn from, so the random
         # dictionaries' directions are drawn like their own null directions
         references = save_reference_saes(
@@ -221,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             reference_rows,
             out / "saes",
             d_sae=args.d_sae,
+            kinds=tuple(args.references),
             seed=args.seed,
             bos_token_id=bos,
         )
         stage("build reference dictionaries")
-        score(["nces"], references, args.reference_latents)
+        score(["nces"], references, args.reference_latents, args.n_eval_sequences)
         ran |= {Path(folder).name for folder in references}
         stage("score reference dictionaries")
     # this run's SAEs only, not results an earlier run left in the same folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from conftest import make_tiny_model, make_tokens
 
 from csae_plugin import data, demo
@@ -18,6 +19,7 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
     argv = ["--hook", "blocks.0.hook_resid_post", "--d-sae", "64", "--k", "4"]
     argv += ["--training-tokens", "2048", "--context-size", "16", "--eval-context", "16"]
     argv += ["--latents", "4", "--reference-latents", "3", "--n-eval-sequences", "8"]
+    argv += ["--core-sequences", "4"]
     argv += ["--null-draws", "2", "--seqs-per-latent", "2", "--device", "cpu"]
     # an earlier run's results in the same folder: one for an SAE this run retrains, one for
     # an SAE it does not train; neither may reach the table
@@ -28,8 +30,8 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
         stale.write_text(json.dumps(result | {"eval_result_metrics": {"sparsity": {"l0": l0}}}))
     assert demo.main([*argv, "--output-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "comparison.csv", index_col="sae")
+    # by default the controls only: random directions and the planted Fisher directions
     references = [f"reference_{k}" for k in ("random-isotropic", "random-covariance")]
-    references += ["reference_random-mixture", "reference_pca", "reference_identity"]
     references += ["reference_planted-fisher"]
     assert sorted(table.index) == sorted(["causal_64_k4", "topk_64_k4", *references])
     assert (table.loc[["causal_64_k4", "topk_64_k4"], "n_scored"] == 4).all()
@@ -41,9 +43,14 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
     settings, stages = written["settings"], written["stage_seconds"]
     # every stage timed, and together they are the run
     assert {"load model", "cache activations", "train causal", "train topk"} <= set(stages)
-    assert {"score (core, nces)", "score reference dictionaries"} <= set(stages)
+    assert {"score core", "score nces", "score reference dictionaries"} <= set(stages)
     assert sum(stages.values()) <= written["minutes"] * 60 <= sum(stages.values()) + 1
     assert settings["reference_latents"] == 3
+    assert settings["references"] == list(demo.DEMO_REFERENCES)
+    # core reads --core-sequences held-out rows, nces draws from --n-eval-sequences
+    core = json.loads(next((tmp_path / "eval_results" / "core").glob("*topk*.json")).read_text())
+    config = core["eval_config"]
+    assert config["batch_size_prompts"] * config["n_eval_reconstruction_batches"] == 4
     assert settings["kl_estimator"] == "fisher"
 
 
@@ -65,3 +72,11 @@ def test_demo_causal_settings_follow_the_kl_estimator():
     }
     chosen = demo.causal_overrides(parse(["--lambda-kl", "3", "--kl-every", "2"]))
     assert (chosen["lambda_kl"], chosen["kl_every"]) == (3.0, 2)
+
+
+def test_demo_references_flag_takes_any_kind_and_names_the_choices(capsys):
+    parse = demo.arg_parser().parse_args
+    assert parse(["--references", "pca", "identity"]).references == ["pca", "identity"]
+    with pytest.raises(SystemExit):
+        parse(["--references", "pcb"])
+    assert "invalid choice: 'pcb'" in capsys.readouterr().err

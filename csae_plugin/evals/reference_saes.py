@@ -43,7 +43,8 @@ REFERENCE_KINDS = (
     "identity",
     "planted_fisher",
 )
-"""The dictionaries the demo and the study score beside trained SAEs."""
+"""Every reference dictionary kind (the demo scores ``csae_plugin.demo.DEMO_REFERENCES`` by
+default, ``--references`` any of these)."""
 
 RANDOM_SHAPES = ("random_sqrt_covariance", "random_sparse")
 """Random dictionaries of other shapes, for calibration (not in the demo)."""
