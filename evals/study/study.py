@@ -537,15 +537,18 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
 
     # cheapest first, so that what a session's time leaves out is the costly retraining of the
     # causal SAEs: the goal's core results (every seed), the lambda-20 variant (seed 0, added
-    # after seed 0's result), the other baselines (core and NCES), the reference dictionaries,
+    # after seed 0's result), the other baselines (core, then NCES), the reference dictionaries,
     # NCES and probing of the TopK SAEs, then the causal SAEs' NCES and probing
     goal_saes = ("topk", "causal", "topkequal")
     for seed in seeds:
         run(["core"], goal_saes, seed)
     for lam in FINETUNE_VARIANT_LAMBDAS:
         run(["core"], (f"causallambda{lam:g}",), 0)
+    baselines = ("batchtopk", "jumprelu", "standard")
     for seed in seeds:
-        run(["core", "nces"], ("batchtopk", "jumprelu", "standard"), seed)
+        run(["core"], baselines, seed)
+    for seed in seeds:
+        run(["nces"], baselines, seed)
     score(["nces"], study_references(model, splits, bos, out), *score_args)
     finetune_tables(out, settings)
     for seed in seeds:
