@@ -142,6 +142,9 @@ def latent_effects(
     progress: bool = True,
     null: str | Sequence[str] = DEFAULT_NULL,
     memory_budget_bytes: int | None = None,
+    first_sequence: int = 0,
+    draw_round: int = 0,
+    real: bool = True,
 ) -> LatentEffects:
     """Effects E_i(s) and null effects of intervening on each of ``latents``, batched.
 
@@ -154,15 +157,20 @@ def latent_effects(
     copies per sequence, sharing the real copy. ``memory_budget_bytes`` bounds the clean and
     intervened logits held at once (:func:`memory_budget`; default: CPU-cache-sized on a CPU,
     a share of free memory on a GPU); peak memory does not grow with the number of latents.
+
+    For a second round (:mod:`csae_plugin.causal.adaptive`): ``first_sequence`` skips each
+    latent's first rows where it fires (those already scored), ``draw_round`` r >= 1 draws
+    further independent null directions (:func:`latent_null_directions`), and ``real=False``
+    leaves the latent's own copies out (``effect`` stays NaN).
     """
     check_intervention(intervention)
     nulls = check_nulls(null)
     setup = prepare_inputs(model, sae, tokens, bos_token_id)
     latent_ids = _check_latents(latents, sae.cfg.d_sae)
-    if null_draws < 1 or seqs_per_latent < 1 or batch_size < 1:
+    if null_draws < 1 or seqs_per_latent < 1 or batch_size < 1 or first_sequence < 0:
         raise ValueError(
             f"null_draws={null_draws}, seqs_per_latent={seqs_per_latent} and "
-            f"batch_size={batch_size} must all be >= 1"
+            f"batch_size={batch_size} must all be >= 1 (first_sequence={first_sequence} >= 0)"
         )
     n_lat = len(latent_ids)
     effects = LatentEffects(
@@ -177,10 +185,11 @@ def latent_effects(
         nulls=nulls,
     )
     with torch.no_grad():
-        effects.sequences[:] = _select_sequences(setup, latent_ids, seqs_per_latent, batch_size)
+        rows = _select_sequences(setup, latent_ids, first_sequence + seqs_per_latent, batch_size)
+        effects.sequences[:] = rows[:, first_sequence:]
         bar = tqdm(total=n_lat, desc=f"NCES {intervention}", unit="latent", disable=not progress)
         budget = memory_budget(setup.tokens.device, memory_budget_bytes)
-        _run_effects(setup, stats, effects, batch_size, seed, bar, budget)
+        _run_effects(setup, stats, effects, batch_size, seed, bar, budget, draw_round, real)
         bar.close()
     return effects
 
@@ -225,6 +234,8 @@ def _run_effects(
     seed: int,
     bar: tqdm,
     budget: tuple[int, int],
+    draw_round: int = 0,
+    real: bool = True,
 ) -> None:
     """Fill ``effects.effect``/``null_per_draw``/``n_positions``, one block of sequences at a time."""
     lat_idx, slot = np.nonzero(effects.sequences >= 0)
@@ -249,7 +260,9 @@ def _run_effects(
             setup, torch.as_tensor(block), per_row, effects.intervention, row_chunk
         )
         pairs = list(zip(lat_idx[in_block], slot[in_block], local, strict=True))
-        _run_pairs(setup, stats, effects, clean, pairs, batch_size, seed, row_chunk)
+        _run_pairs(
+            setup, stats, effects, clean, pairs, batch_size, seed, row_chunk, draw_round, real
+        )
         del clean  # before the next block is built: one block in memory at a time
         for li in lat_idx[in_block]:
             remaining[li] -= 1
@@ -310,8 +323,11 @@ def _run_pairs(
     batch_size: int,
     seed: int,
     row_chunk: int,
+    draw_round: int = 0,
+    real: bool = True,
 ) -> None:
-    """Evaluate (latent, slot, local row) pairs: 1 real + K copies per null each, in batches.
+    """Evaluate (latent, slot, local row) pairs: 1 real + K copies per null each, in batches
+    (without the real copy if not ``real``; null draws of ``draw_round``).
 
     Pairs run in order of their first intervened position, so the copies of a batch share a
     long clean prefix: the tail then runs only from the batch's earliest such position, on the
@@ -319,10 +335,10 @@ def _run_pairs(
     """
     n_ctx = clean.x.shape[1]
     coeff, first = _pair_coefficients(stats, effects, clean, pairs, seed)
-    directions = _pair_directions(setup, stats, effects, pairs, seed)
+    directions = _pair_directions(setup, stats, effects, pairs, seed, draw_round)
     n_var = directions.shape[1]
     order = np.argsort(first, kind="stable")
-    copies = [(p, v) for p in order for v in range(n_var)]
+    copies = [(p, v) for p in order for v in range(0 if real else 1, n_var)]
     for c0 in range(0, len(copies), batch_size):
         batch = copies[c0 : c0 + batch_size]
         batch_pairs = [p for p, _ in batch]
@@ -362,6 +378,7 @@ def _pair_directions(
     effects: LatentEffects,
     pairs: list[tuple[int, int, int]],
     seed: int,
+    draw_round: int = 0,
 ) -> torch.Tensor:
     """Per pair, its copies' directions [P, 1 + n_nulls K, d_in]: variant 0 (real) is d_i,
     null variant 1 + n K + k is ||d_i|| u_k of null n, so every position keeps the real
@@ -372,7 +389,9 @@ def _pair_directions(
     per_latent = {}
     for k, li in enumerate(latents):
         nulls = [
-            latent_null_directions(stats, int(lat_ids[k]), effects.null_draws, seed, name, d[k])
+            latent_null_directions(
+                stats, int(lat_ids[k]), effects.null_draws, seed, name, d[k], draw_round
+            )
             for name in effects.nulls
         ]
         per_latent[li] = torch.cat([d[k : k + 1], d[k].norm() * torch.cat(nulls).to(d)])

@@ -119,15 +119,21 @@ def latent_null_directions(
     seed: int,
     null: str = DEFAULT_NULL,
     direction: torch.Tensor | None = None,
+    draw_round: int = 0,
 ) -> torch.Tensor:
     """The engine's null directions of kind ``null`` for ``latent`` [null_draws, d_in].
 
     One set per latent and null, shared by all its sequences (each null from its own stream,
     ``draw_generator(seed, 0, latent[, stream])``), so the null also measures how
-    much random directions differ from each other.
+    much random directions differ from each other. ``draw_round`` r >= 1 gives further
+    independent draws of the same null from a stream of their own (``draw_generator(seed, 0,
+    latent, stream, r)``, the covariance null's stream being 1 there): the adaptive second
+    round's new draws (:mod:`csae_plugin.causal.adaptive`).
     """
     check_null(null)
     keys = (latent,) if null == "covariance" else (latent, _STREAMS[null])
+    if draw_round:
+        keys = (latent, _STREAMS.get(null, 1), draw_round)
     return null_directions(stats, null_draws, draw_generator(seed, 0, *keys), null, direction)
 
 

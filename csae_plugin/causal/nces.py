@@ -159,10 +159,7 @@ def nces_details(
     nces[dead] = np.nan
     percentile[dead] = np.nan
     p_value[dead] = np.nan
-    q_value = np.full(n_lat, np.nan)
-    if (~dead).any():
-        q_value[~dead] = stats.false_discovery_control(np.nan_to_num(p_value[~dead], nan=1.0))
-    verified = ~dead & (np.nan_to_num(q_value, nan=1.0) < fdr_level) & (np.nan_to_num(nces) > 1)
+    q_value, verified = bh_verdict(p_value, nces, dead, fdr_level)
     return pd.DataFrame(
         {
             "latent": latents,
@@ -180,6 +177,18 @@ def nces_details(
         },
         columns=list(DETAIL_COLUMNS),
     )
+
+
+def bh_verdict(
+    p_value: np.ndarray, nces: np.ndarray, dead: np.ndarray, fdr_level: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """(q-values, verified): Benjamini-Hochberg over the non-dead latents (an untestable
+    latent's NaN p counts as 1), verified = q < ``fdr_level`` and NCES > 1."""
+    q_value = np.full(len(p_value), np.nan)
+    if (~dead).any():
+        q_value[~dead] = stats.false_discovery_control(np.nan_to_num(p_value[~dead], nan=1.0))
+    verified = ~dead & (np.nan_to_num(q_value, nan=1.0) < fdr_level) & (np.nan_to_num(nces) > 1)
+    return q_value, verified
 
 
 def log_scores(effect: np.ndarray, null: np.ndarray) -> np.ndarray:
@@ -372,8 +381,7 @@ def nces_metrics(
     geomean_ci = bootstrap_mean_ci(log_nces, confidence_level, n_resamples, seed)
     rank_ci = bootstrap_mean_ci(percentile, confidence_level, n_resamples, seed)
     beats_ci = bootstrap_ci_of(_storey_along, p_values, confidence_level, n_resamples, seed)
-    all_nulls = alive["verified_all_nulls"] if "verified_all_nulls" in alive else alive["verified"]
-    return {
+    return verified_fractions(details) | {
         "nces_median": float(np.median(nces[defined])) if defined.any() else np.nan,
         "nces_geomean": float(np.exp(log_nces.mean())) if len(log_nces) else np.nan,
         "nces_geomean_ci_low": float(np.exp(geomean_ci[0])),
@@ -381,8 +389,6 @@ def nces_metrics(
         "nces_rank": float(percentile.mean()) if len(percentile) else np.nan,
         "nces_rank_ci_low": rank_ci[0],
         "nces_rank_ci_high": rank_ci[1],
-        "frac_verified": float(alive["verified"].sum() / n_alive) if n_alive else np.nan,
-        "frac_verified_all_nulls": float(all_nulls.sum() / n_alive) if n_alive else np.nan,
         "frac_beats_null": storey_beats_null(p_values),
         "frac_beats_null_ci_low": beats_ci[0],
         "frac_beats_null_ci_high": beats_ci[1],
@@ -391,6 +397,17 @@ def nces_metrics(
         "mean_effect_kl": float(alive["effect_kl"].mean()) if n_alive else np.nan,
         "mean_null_kl": float(alive["null_kl"].mean()) if n_alive else np.nan,
         "n_latents_evaluated": int(len(details)),
+    }
+
+
+def verified_fractions(details: pd.DataFrame) -> dict[str, float]:
+    """``frac_verified`` and ``frac_verified_all_nulls`` over the evaluated non-dead latents."""
+    alive = details[~details["dead"]]
+    n_alive = len(alive)
+    all_nulls = alive["verified_all_nulls"] if "verified_all_nulls" in alive else alive["verified"]
+    return {
+        "frac_verified": float(alive["verified"].sum() / n_alive) if n_alive else np.nan,
+        "frac_verified_all_nulls": float(all_nulls.sum() / n_alive) if n_alive else np.nan,
     }
 
 

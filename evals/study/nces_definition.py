@@ -163,23 +163,13 @@ def power(effect: np.ndarray, null: np.ndarray) -> dict[str, float]:
     if live.sum() < 3:
         return {}
     k = null.shape[-1]
-    direction_var, noise_var = [], []
-    for i in np.flatnonzero(live):
-        keep = ~np.isnan(effect[i])
-        logs = np.log(null[i, keep] + LOG_RATIO_FLOOR)  # [S, K]
-        s = len(logs)
-        if s < 2:
-            continue
-        resid = logs - logs.mean(0, keepdims=True) - logs.mean(1, keepdims=True) + logs.mean()
-        e_var = (resid**2).sum() / ((s - 1) * (k - 1))
-        noise_var.append(e_var)
-        direction_var.append(max(logs.mean(0).var(ddof=1) - e_var / s, 0.0))
+    direction_var, noise_var = variance_components(effect, null)
     scores = scores[live]
     null_var = float(scores[:, 1:].var(axis=1, ddof=1).mean())
     diffs = scores[:, 0] - scores[:, 1:].mean(axis=1)
     z = stats.norm.isf(FDR * 0.1) + stats.norm.isf(0.2)
     s_now = float(np.nanmean((~np.isnan(effect[live])).sum(1)))
-    sigma_a, sigma_e = float(np.mean(direction_var)), float(np.mean(noise_var))
+    sigma_a, sigma_e = float(np.nanmean(direction_var)), float(np.nanmean(noise_var))
 
     def ratio(seqs: float, draws: float) -> float:
         return float(np.exp(z * np.sqrt((sigma_a + sigma_e / seqs) * (1 + 1 / draws))))
@@ -193,6 +183,24 @@ def power(effect: np.ndarray, null: np.ndarray) -> dict[str, float]:
         "min_verified_ratio_16x8": ratio(16, 8),
         "min_verified_ratio_limit": float(np.exp(z * np.sqrt(sigma_a))),
     }
+
+
+def variance_components(effect: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent (direction_var, noise_var) of the log null effects [S, K] (NaN below 2
+    sequences): the two-way decomposition a_k + b_s + e_sk of :func:`power`."""
+    k = null.shape[-1]
+    direction_var = np.full(len(effect), np.nan)
+    noise_var = np.full(len(effect), np.nan)
+    for i in range(len(effect)):
+        keep = ~np.isnan(effect[i])
+        logs = np.log(null[i, keep] + LOG_RATIO_FLOOR)  # [S, K]
+        s = len(logs)
+        if s < 2:
+            continue
+        resid = logs - logs.mean(0, keepdims=True) - logs.mean(1, keepdims=True) + logs.mean()
+        noise_var[i] = (resid**2).sum() / ((s - 1) * (k - 1))
+        direction_var[i] = max(logs.mean(0).var(ddof=1) - noise_var[i] / s, 0.0)
+    return direction_var, noise_var
 
 
 def markdown(rows: list[dict[str, object]]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from sae_bench.evals.base_eval_output import BaseEvalConfig
 
@@ -98,6 +98,38 @@ class NCESEvalConfig(BaseEvalConfig):
         title="Sequences per Latent",
         description="Most evaluation sequences (those where the latent fires) per latent",
     )
+    adaptive: bool = Field(
+        default=False,
+        title="Adaptive Second Round",
+        description="Give every latent still undecided after the first round (seqs_per_latent "
+        "x null_draws; its p-value at most adaptive_futility under some null) a second round "
+        "up to adaptive_seqs_per_latent x adaptive_null_draws, new null draws included, and "
+        "test it on all its data; a latent clearly null after round 1 stops there. Only "
+        "removes verdicts relative to giving every latent the second round, so the error rate "
+        "is kept (docs/nces.md, 'Adaptive second round'); per-SAE estimates stay round 1's",
+    )
+    adaptive_futility: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        title="Adaptive Futility p-value",
+        description="Round-1 p-value above which a latent stops (clearly null) with adaptive; "
+        "at least fdr_level",
+    )
+    adaptive_seqs_per_latent: int = Field(
+        default=64,
+        ge=1,
+        title="Adaptive Sequences per Latent",
+        description="Most sequences per latent in all (round 1's included) for a latent that "
+        "gets the second round; at least seqs_per_latent",
+    )
+    adaptive_null_draws: int = Field(
+        default=16,
+        ge=2,
+        title="Adaptive Null Draws",
+        description="Null draws per latent and null in all (round 1's included) for a latent "
+        "that gets the second round; at least null_draws",
+    )
     latents: str | int | list[int] = Field(
         default="auto",
         title="Latents",
@@ -164,6 +196,26 @@ class NCESEvalConfig(BaseEvalConfig):
         title="Bootstrap Resamples",
         description="Resamples of the paired bootstrap confidence interval of each NCES",
     )
+
+    @model_validator(mode="after")
+    def _check_adaptive(self) -> NCESEvalConfig:
+        """With ``adaptive``, the second round extends the first and stops only above fdr_level."""
+        if not self.adaptive:
+            return self
+        if self.adaptive_futility < self.fdr_level:
+            raise ValueError(
+                f"adaptive_futility={self.adaptive_futility} must be at least fdr_level="
+                f"{self.fdr_level}: a stopped latent's p-value must be one BH never rejects"
+            )
+        if (
+            self.adaptive_seqs_per_latent < self.seqs_per_latent
+            or self.adaptive_null_draws < self.null_draws
+        ):
+            raise ValueError(
+                "the adaptive second round must extend the first: adaptive_seqs_per_latent >= "
+                "seqs_per_latent and adaptive_null_draws >= null_draws"
+            )
+        return self
 
     @field_validator("null")
     @classmethod

@@ -128,6 +128,12 @@ class NCESMetrics(BaseMetrics):
         title="Latents Evaluated",
         description="Number of latents evaluated (dead ones included)",
     )
+    copies_per_latent: float | None = Field(
+        default=None,
+        title="Copies per Latent",
+        description="Intervened sequence copies per evaluated latent and null, on average: "
+        "sequences x (1 + null draws), the adaptive second round included",
+    )
     intervention: str | None = Field(
         default=None,
         title="Intervention",
@@ -218,6 +224,18 @@ class NCESLatentDetail(BaseResultDetail):
     )
     n_sequences: int = Field(
         title="Sequences", description="Evaluation sequences in which the latent was scored"
+    )
+    n_null_draws: int | None = Field(
+        default=None,
+        title="Null Draws",
+        description="Null directions per null the latent was compared with (more than "
+        "null_draws for a latent given the adaptive second round)",
+    )
+    second_round: bool | None = Field(
+        default=None,
+        title="Second Round",
+        description="With adaptive: whether the latent, undecided after round 1, got the "
+        "second round (its numbers are then from all its data)",
     )
     verified_all_nulls: bool = Field(
         default=False,

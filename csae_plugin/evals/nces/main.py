@@ -9,12 +9,15 @@ Which latents are scored: :mod:`.selection`; the tokens: :mod:`csae_plugin.evals
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from sae_bench.sae_bench_utils import get_eval_uuid
 from sae_lens import SAE
@@ -22,6 +25,13 @@ from transformer_lens import HookedTransformer
 
 from csae_plugin import models
 from csae_plugin.causal import LatentEffects, latent_effects, reference_stats
+from csae_plugin.causal.adaptive import (
+    adaptive_details,
+    continues,
+    merge_rounds,
+    round1_p_values,
+    subset,
+)
 from csae_plugin.causal.engine import estimate_seconds
 from csae_plugin.causal.nces import effects_details
 from csae_plugin.evals import config_from_args, pending_result, validate_inputs, write_json_atomic
@@ -133,7 +143,12 @@ def evaluate_sae(
         )
         budget = None if config.memory_budget_mb is None else config.memory_budget_mb * 2**20
 
-        def compute(ids: np.ndarray) -> LatentEffects:
+        def compute(
+            ids: np.ndarray,
+            seqs: int = config.seqs_per_latent,
+            draws: int = config.null_draws,
+            **second_round: int | bool,
+        ) -> LatentEffects:
             return latent_effects(
                 model,
                 sae,
@@ -141,8 +156,8 @@ def evaluate_sae(
                 ids,
                 stats,
                 intervention=config.intervention,
-                null_draws=config.null_draws,
-                seqs_per_latent=config.seqs_per_latent,
+                null_draws=draws,
+                seqs_per_latent=seqs,
                 alpha=config.steer_alpha,
                 batch_size=config.copy_batch_size,
                 seed=config.random_seed,
@@ -150,24 +165,89 @@ def evaluate_sae(
                 progress=progress and len(ids) == len(latents),
                 null=config.engine_nulls,
                 memory_budget_bytes=budget,
+                **second_round,
             )
 
         effects = shards.chunked_effects(
             compute, latents, work_dir, key, config.latents_per_chunk, progress
         )
+        # the result names each null as asked (0.2.0's 'matched' is drawn as 'matched_eigen')
+        effects = None if effects is None else replace(effects, nulls=config.nulls)
+        detail_options = dict(
+            definition=config.nces_definition,
+            fdr_level=config.fdr_level,
+            n_resamples=config.n_bootstrap,
+            seed=config.random_seed,
+        )
+        round1 = None if effects is None else effects_details(effects, **detail_options)
+        if round1 is not None:
+            round1["n_null_draws"] = config.null_draws
+        if config.adaptive:
+            final = _second_round(
+                config, compute, latents, effects, round1, work_dir, key, progress
+            )
     if effects is None:
         return None  # another rank than 0: rank 0 merges and reports
-    # the result names each null as asked (0.2.0's 'matched' is drawn as 'matched_eigen')
-    effects = replace(effects, nulls=config.nulls)
-    details = effects_details(
-        effects,
-        definition=config.nces_definition,
-        fdr_level=config.fdr_level,
-        n_resamples=config.n_bootstrap,
-        seed=config.random_seed,
+    if not config.adaptive:
+        return NCESResult.from_details(
+            round1, stats.mean_act.cpu().numpy(), config, _screen(chosen)
+        )
+    details = adaptive_details(round1, final, **detail_options)
+    return NCESResult.from_details(
+        details, stats.mean_act.cpu().numpy(), config, _screen(chosen), round1=round1
     )
-    screen = None if chosen.screen is None else chosen.screen.as_dict()
-    return NCESResult.from_details(details, stats.mean_act.cpu().numpy(), config, screen)
+
+
+def _screen(chosen) -> dict[str, Any] | None:
+    return None if chosen.screen is None else chosen.screen.as_dict()
+
+
+def _second_round(
+    config: NCESEvalConfig,
+    compute: Callable[..., LatentEffects],
+    latents: np.ndarray,
+    effects: LatentEffects | None,
+    round1: pd.DataFrame | None,
+    work_dir: str | Path | None,
+    key: str,
+    progress: bool,
+) -> LatentEffects | None:
+    """The adaptive second round (:mod:`csae_plugin.causal.adaptive`): the latents round 1
+    leaves undecided, scored up to ``adaptive_seqs_per_latent`` x ``adaptive_null_draws`` in
+    all (``None`` on ranks other than 0). Its two parts, the next sequences (own copy and
+    round 1's draws) and the new draws on all sequences, are chunked and resumable like
+    round 1, in folders of ``work_dir``."""
+    keep = None
+    if effects is not None:
+        keep = continues(round1_p_values(round1, config.nulls), config.adaptive_futility)
+    keep = shards.broadcast(keep)  # rank 0's round 1 decides for every rank
+    ids = latents[keep]
+    s1, k1 = config.seqs_per_latent, config.null_draws
+    s2, k2 = config.adaptive_seqs_per_latent, config.adaptive_null_draws
+    parts = {
+        "round2_sequences": (s2 > s1, dict(seqs=s2 - s1, first_sequence=s1)),
+        "round2_draws": (k2 > k1, dict(seqs=s2, draws=k2 - k1, draw_round=1, real=False)),
+    }
+    done = {}
+    for name, (needed, kwargs) in parts.items():
+        if not needed or not len(ids):
+            done[name] = None
+            continue
+        if progress:
+            print(f"[nces] second round for {len(ids)} undecided latents: {name}", flush=True)
+        folder = None if work_dir is None else Path(work_dir) / name
+        part = shards.chunked_effects(
+            functools.partial(compute, **kwargs),
+            ids,
+            folder,
+            shards.fingerprint(key, name, ids.tolist(), s2, k2),
+            config.latents_per_chunk,
+            progress,
+        )
+        done[name] = None if part is None else replace(part, nulls=config.nulls)
+    if effects is None:
+        return None
+    return merge_rounds(subset(effects, keep), done["round2_sequences"], done["round2_draws"])
 
 
 def evaluate_and_save(

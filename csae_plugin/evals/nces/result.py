@@ -13,7 +13,8 @@ import pandas as pd
 from sae_bench.sae_bench_utils import get_eval_uuid, get_sae_lens_version
 from sae_lens import SAE
 
-from csae_plugin.causal.nces import nces_metrics, null_view
+from csae_plugin.causal.adaptive import copies_per_latent
+from csae_plugin.causal.nces import nces_metrics, null_view, verified_fractions
 from csae_plugin.evals import json_safe, sae_bench_version
 from csae_plugin.evals.nces.eval_config import NCESEvalConfig
 from csae_plugin.evals.nces.eval_output import (
@@ -51,25 +52,31 @@ class NCESResult:
         activation_weights: np.ndarray,
         config: NCESEvalConfig,
         screen: dict[str, Any] | None = None,
+        round1: pd.DataFrame | None = None,
     ) -> NCESResult:
         """Each null's :func:`~csae_plugin.causal.nces.nces_metrics` over ``details``, with the
-        settings that name the run (intervention, null draws, definition, null)."""
+        settings that name the run (intervention, null draws, definition, null) and the
+        average intervened copies per latent.
+
+        An adaptive run passes its ``round1`` details: the per-SAE estimates come from round 1
+        (the same design for every latent), the fractions verified from ``details``.
+        """
         shared = {
             "intervention": config.intervention,
             "null_draws": config.null_draws,
             "nces_definition": config.nces_definition,
+            "copies_per_latent": copies_per_latent(details),
         }
-        by_null = {
-            null: nces_metrics(
-                null_view(details, null),
+        by_null = {}
+        for null in config.nulls:
+            view = null_view(details, null)
+            metrics = nces_metrics(
+                view if round1 is None else null_view(round1, null),
                 activation_weights,
                 n_resamples=config.n_bootstrap,
                 seed=config.random_seed,
             )
-            | shared
-            | {"null": null}
-            for null in config.nulls
-        }
+            by_null[null] = metrics | verified_fractions(view) | shared | {"null": null}
         return cls(details, by_null, screen)
 
 

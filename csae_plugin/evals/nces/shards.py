@@ -71,6 +71,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself outside torch.distributed)."""
+    if rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def fingerprint(*parts: object) -> str:
     """A short hash of the inputs a chunk's numbers depend on: tensors by dtype, shape and
     bytes, a dict of tensors (a ``state_dict()``: every parameter and buffer) by name and
