@@ -5,7 +5,7 @@ train the demo's TopK SAE, 2048 latents, k 32, 80k tokens), the screen scores al
 ``--screen-sequences`` held-out rows; the exact engine scores ``--exact-latents`` latents drawn
 uniformly among those the screen saw fire, on the held-out rows (4 sequences and 4 null draws per
 latent, as the demo). Reported: the screen's time, Spearman's rho between the screen and the
-exact effect and NCES, the screen/exact effect ratio (where the quadratic term under-predicts),
+exact effect, NCES (0.3.0, and 0.2.0's ratio of sums) and percentile, the screen/exact effect ratio (where the quadratic term under-predicts),
 and a scatter plot. Results: ``evals/results/screen_vs_exact_<device>.json`` and ``.png``.
 
     python -m evals.benchmarks.screen_vs_exact      # ~20 min on a 2-core CPU
@@ -23,6 +23,7 @@ from sae_lens import SAE
 from scipy.stats import spearmanr
 
 from csae_plugin import causal as iv
+from csae_plugin.causal.nces import effects_details
 from csae_plugin.causal.screen import nces_screen
 from csae_plugin.data import corpus_splits
 from csae_plugin.models import load_model
@@ -92,7 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     exact_s = time.perf_counter() - start
     exact_effect = np.nanmean(exact.effect, 1)
-    exact_nces = np.nansum(exact.effect, 1) / np.nansum(exact.null, 1)
+    # the per-latent score under the current definition (0.3.0), and 0.2.0's ratio of sums
+    details = effects_details(exact)
+    exact_nces = details["nces"].to_numpy()
+    exact_percentile = details["percentile"].to_numpy()
+    exact_nces_020 = np.nansum(exact.effect, 1) / np.nansum(exact.null, 1)
     ratio = screen.effect[latents] / exact_effect
     quartiles = np.nanquantile(exact_effect, [0.25, 0.5, 0.75])
     bins = np.digitize(exact_effect, quartiles)
@@ -116,6 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
         "spearman_nces": float(
             spearmanr(screen.nces[latents], exact_nces, nan_policy="omit").statistic
         ),
+        "spearman_percentile": float(
+            spearmanr(screen.nces[latents], exact_percentile, nan_policy="omit").statistic
+        ),
+        "spearman_nces_0.2.0": float(
+            spearmanr(screen.nces[latents], exact_nces_020, nan_policy="omit").statistic
+        ),
+        "nces_definition": "0.3.0 (spearman_nces); 0.2.0's ratio of sums (spearman_nces_0.2.0)",
         "screen_over_exact_effect": {
             "median": float(np.nanmedian(ratio)),
             "quartiles": np.nanquantile(ratio, [0.25, 0.75]).tolist(),
@@ -130,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
         "exact_effect": exact_effect.tolist(),
         "screen_nces": screen.nces[latents].tolist(),
         "exact_nces": exact_nces.tolist(),
+        "exact_percentile": exact_percentile.tolist(),
+        "exact_nces_0.2.0": exact_nces_020.tolist(),
     }
     out = write_json(RESULTS / f"screen_vs_exact_{args.device}.json", result)
     plot(result, out.with_suffix(".png"))
