@@ -182,8 +182,9 @@ def probe(model, splits, folders: list[Path], out: Path) -> None:
         print(f"[study] probed {folder.name}: {result.summary}", flush=True)
 
 
-def tables(out: Path) -> str:
-    """Per-SAE rows, per-architecture mean/sd over seeds, pooled fractions, the goal check."""
+def tables(out: Path, goal: bool = True) -> str:
+    """Per-SAE rows, per-architecture mean/sd over seeds, pooled fractions, the goal check
+    (the 400-step study's goal; ``goal=False`` leaves it out)."""
     from csae_plugin.evals.api import load_results
 
     table = load_results([out / "eval_results"])
@@ -211,7 +212,8 @@ def tables(out: Path) -> str:
         "kl_div_score",
         "ce_loss_score",
     ]
-    cols += ["nces_geomean", "nces_geomean_ci_low", "nces_geomean_ci_high", "frac_verified"]
+    cols += ["nces_geomean", "nces_geomean_ci_low", "nces_geomean_ci_high", "nces_rank"]
+    cols += ["frac_beats_null", "frac_verified"]
     cols += ["n_live", "mean_effect_kl", "frac_dead", "train_seconds"]
     cols = [c for c in cols if c in table.columns]
     table = table[cols].sort_values(["architecture", "seed"], na_position="last")
@@ -234,10 +236,12 @@ def tables(out: Path) -> str:
         names = table.index[table["architecture"] == arch]
         live = [d for n in names for d in details.get(n, []) if not d["dead"]]
         logs = np.log([d["nces"] for d in live if d["nces"] and d["nces"] > 0])
+        if not len(logs):  # core only so far
+            continue
         boot = np.random.default_rng(0).choice(logs, (2000, len(logs))).mean(1)
         verified = sum(d["verified"] for d in live)
         pooled[arch] = {
-            "seeds": len(names),
+            "seeds": sum(n in details for n in names),
             "live_latents": len(live),
             "verified": verified,
             "frac_verified_pooled": verified / max(len(live), 1),
@@ -253,7 +257,8 @@ def tables(out: Path) -> str:
     text += by_arch.to_markdown() + "\n\n"
     text += "## Pooled over seeds: live scored latents, verified, geometric-mean NCES [95% CI]\n\n"
     text += pooled_df.to_markdown(floatfmt=".3g")
-    text += "\n\n" + goal_check(table, pooled, out) + "\n"
+    if goal:
+        text += "\n\n" + goal_check(table, pooled, out) + "\n"
     probing = out / "probing.json"
     if probing.is_file():
         text += "\n## Targeted probing (six concepts)\n\n" + probing_table(probing) + "\n"
@@ -589,7 +594,7 @@ def finetune_tables(out: Path, settings: dict) -> str:
     from csae_plugin.evals.api import load_results
 
     if any((out / "eval_results" / "nces").glob("*_eval_results.json")):
-        text = tables(out)
+        text = tables(out, goal=False)
         table = pd.read_csv(out / "table.csv", index_col=0)
     else:  # core only so far
         table = load_results([out / "eval_results"])
