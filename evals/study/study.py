@@ -443,31 +443,46 @@ def cache_cpu_seconds(model, train, rows: int = 256) -> float:
         return (time.process_time() - cpu0) * train.shape[0] / rows
 
 
-def calibrate_standard_l1(model, train, cache, bos, out: Path, eval_tokens) -> float:
-    """The standard SAE's L1 coefficient for L0 32 at this budget: three trainings from the
-    cache, log L1 against log L0 (held-out tokens, BOS excluded) interpolated."""
-    path = out / "standard_l1.json"
+CALIBRATIONS = {
+    "standard": ("l1_coefficient", (5.0, 10.0, 20.0), "standard_l1.json"),
+    "jumprelu": ("l0_coefficient", (0.1, 1.0, 10.0, 100.0), "jumprelu_l0_coefficient.json"),
+}
+"""Per architecture whose L0 is not set directly: the coefficient that sets it, the values
+tried and the file the calibration goes to. JumpReLU's quadratic L0 loss aims at ``target_l0``
+(32) but at its default weight (0.1) ends at L0 ~165 after 400 steps; the weight that ends at 32
+is calibrated the same way as the standard SAE's L1 (added after the first JumpReLU runs)."""
+
+
+def calibrate(model, train, cache, bos, out: Path, eval_tokens, architecture: str) -> float:
+    """The coefficient of ``architecture`` (:data:`CALIBRATIONS`) for L0 32 at this budget:
+    one training from the cache per value tried (in order, until two bracket L0 32), log
+    coefficient against log L0 (held-out tokens, BOS excluded) interpolated."""
+    field, values, filename = CALIBRATIONS[architecture]
+    path = out / filename
     if path.is_file():
-        return json.loads(path.read_text())["l1_coefficient"]
+        return json.loads(path.read_text())[field]
     from csae_plugin.causal.tail import capture, parse_hook
     from csae_plugin.saes.loading import load_sae
 
     with torch.no_grad():
         acts = capture(model, parse_hook(HOOK), eval_tokens)[0][eval_tokens != bos]
     grid = []
-    for l1 in (5.0, 10.0, 20.0):
-        spec = TrainSpec("standard", PRESET.d_sae, 0, {"l1_coefficient": l1})
-        folder = train_one(model, train, cache, bos, f"l1cal_{l1:g}", spec, STEPS, 0, out)
+    prefix = "l1cal" if architecture == "standard" else f"{architecture}cal"
+    for value in values:
+        spec = TrainSpec(architecture, PRESET.d_sae, K, {field: value})
+        folder = train_one(model, train, cache, bos, f"{prefix}_{value:g}", spec, STEPS, 0, out)
         with torch.no_grad():
             l0 = float((load_sae(str(folder))[0].encode(acts) > 0).sum(-1).float().mean())
-        grid.append({"l1_coefficient": l1, "l0": l0})
-        print(f"[finetune] standard l1 {l1:g}: L0 {l0:.1f}", flush=True)
+        grid.append({field: value, "l0": l0})
+        print(f"[finetune] {architecture} {field} {value:g}: L0 {l0:.1f}", flush=True)
+        if len(grid) >= 2 and min(g["l0"] for g in grid) <= K <= max(g["l0"] for g in grid):
+            break
     xs = np.log([g["l0"] for g in grid])
-    ys = np.log([g["l1_coefficient"] for g in grid])
+    ys = np.log([g[field] for g in grid])
     order = np.argsort(xs)
-    l1 = float(np.exp(np.interp(np.log(K), xs[order], ys[order])))
-    write_json(path, {"grid": grid, "l1_coefficient": l1, "target_l0": K})
-    return l1
+    value = float(np.exp(np.interp(np.log(K), xs[order], ys[order])))
+    write_json(path, {"grid": grid, field: value, "target_l0": K})
+    return value
 
 
 def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) -> None:
@@ -500,7 +515,7 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
         }
         write_json(settings_path, settings)
     equal = settings["equal_compute_topk_steps"]
-    l1 = calibrate_standard_l1(model, train, cache, bos, out, splits.eval[:16])
+    l1 = calibrate(model, train, cache, bos, out, splits.eval[:16], "standard")
     rows = {
         "topk": (topk, STEPS),
         "causal": (causal, STEPS),
@@ -552,6 +567,15 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
     baselines = ("batchtopk", "jumprelu", "standard")
     for seed in seeds:
         run(["core"], baselines, seed)
+    # JumpReLU at its default L0 weight misses L0 32 by 5x: the calibrated weight, every seed
+    l0_weight = calibrate(model, train, cache, bos, out, splits.eval[:16], "jumprelu")
+    rows["jumpreluk32"] = (
+        TrainSpec("jumprelu", PRESET.d_sae, K, {"l0_coefficient": l0_weight}),
+        STEPS,
+    )
+    for seed in seeds:
+        run(["core"], ("jumpreluk32",), seed)
+    baselines = ("batchtopk", "jumpreluk32", "standard")
     for seed in seeds:
         run(["nces"], baselines, seed)
     score(["nces"], study_references(model, splits, bos, out), *score_args)
