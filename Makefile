@@ -26,14 +26,17 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 # The fast tests on the oldest dependencies pyproject.toml allows (.ci/floor-constraints.txt),
-# in their own venv; torch comes as CPU wheels (TORCH_INDEX), without the CUDA ones.
+# in their own venv. By default torch comes from the package index pip is set up with (PyPI's
+# Linux wheels are CUDA builds: about 3 GB with their nvidia packages, which run on the CPU as
+# well); TORCH_INDEX adds an index to take it from, e.g. the CPU-only builds:
+#   make test-floor TORCH_INDEX=https://download.pytorch.org/whl/cpu
 FLOOR_VENV ?= .venv-floor
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 test-floor:
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-compile --extra-index-url $(TORCH_INDEX) \
-		-c .ci/floor-constraints.txt -e '.[dev,demo]'
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-compile \
+		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -c .ci/floor-constraints.txt -e '.[dev,demo]'
 	$(FLOOR_VENV)/bin/python -m pip list | grep -E '^(sae-lens|sae-bench|transformer-lens|transformers|torch) '
 	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow"
 
