@@ -445,7 +445,7 @@ def cache_cpu_seconds(model, train, rows: int = 256) -> float:
 
 CALIBRATIONS = {
     "standard": ("l1_coefficient", (5.0, 10.0, 20.0), "standard_l1.json"),
-    "jumprelu": ("jumprelu_init_threshold", (0.1, 0.5, 2.0), "jumprelu_threshold.json"),
+    "jumprelu": ("jumprelu_init_threshold", (0.1, 0.5, 1.0, 2.0), "jumprelu_threshold.json"),
 }
 """Per architecture whose L0 is not set directly: the field that sets it at this budget, the
 values tried and the file the calibration goes to. JumpReLU's quadratic L0 loss aims at
@@ -477,10 +477,12 @@ def calibrate(model, train, cache, bos, out: Path, eval_tokens, architecture: st
             l0 = float((load_sae(str(folder))[0].encode(acts) > 0).sum(-1).float().mean())
         grid.append({field: value, "l0": l0})
         print(f"[finetune] {architecture} {field} {value:g}: L0 {l0:.1f}", flush=True)
-        if len(grid) >= 2 and min(g["l0"] for g in grid) <= K <= max(g["l0"] for g in grid):
+        fired = [g["l0"] for g in grid if g["l0"] > 0]
+        if len(fired) >= 2 and min(fired) <= K <= max(fired):
             break
-    xs = np.log([g["l0"] for g in grid])
-    ys = np.log([g[field] for g in grid])
+    fired = [g for g in grid if g["l0"] > 0]  # log-log: a value where nothing fires is left out
+    xs = np.log([g["l0"] for g in fired])
+    ys = np.log([g[field] for g in fired])
     order = np.argsort(xs)
     value = float(np.exp(np.interp(np.log(K), xs[order], ys[order])))
     write_json(path, {"grid": grid, field: value, "target_l0": K})
