@@ -23,7 +23,7 @@ from csae_plugin.evals.api import (
     plot_results,
     writable_dir,
 )
-from csae_plugin.evals.reference_saes import REFERENCE_KINDS
+from csae_plugin.evals.reference_saes import REFERENCE_KINDS, save_reference_saes
 from csae_plugin.models import EMBEDDED_MODEL, check_hook, load_model
 from csae_plugin.training import TrainSpec, cache_activations, train_sae
 from csae_plugin.training.cache import STORE_BATCH_PROMPTS
@@ -234,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     stage("score nces")
     ran = {folder.name for folder in folders}
     if args.reference_latents > 0:
-        from csae_plugin.evals.reference_saes import save_reference_saes
-
         print(f"[demo] reference dictionaries: {', '.join(args.references)}", flush=True)
         # built on the rows whose covariance the null is drawn from, so the random
         # dictionaries' directions are drawn like their own null directions

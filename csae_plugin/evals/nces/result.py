@@ -76,7 +76,9 @@ class NCESResult:
                 n_resamples=config.n_bootstrap,
                 seed=config.random_seed,
             )
-            by_null[null] = metrics | verified_fractions(view) | shared | {"null": null}
+            if round1 is not None:  # the verdicts are the final ones, not round 1's
+                metrics |= verified_fractions(view)
+            by_null[null] = metrics | shared | {"null": null}
         return cls(details, by_null, screen)
 
 
