@@ -2,7 +2,7 @@
 
 Pure array code (numpy, scipy, pandas); the effects come from
 :func:`csae_plugin.causal.engine.latent_effects`. The definition is ``docs/nces.md``; in short
-(definition ``0.3.0``, the default):
+(definition ``0.4.0``, the default; 0.3.0 scores alike, with the band null for every latent):
 
 * Each of a latent's K + 1 directions (its own, a = 0, and its K null directions, shared by
   all its sequences) gets a score ``L_a``: the mean over the latent's sequences of
@@ -36,11 +36,13 @@ from scipy import special, stats
 
 from csae_plugin.causal.bootstrap import bootstrap_interval
 
-DEFINITIONS = ("0.3.0", "0.2.0")
-"""NCES definitions: ``0.3.0`` (geometric-mean ratio, exchangeable direction test; the
-default) and ``0.2.0`` (ratio of sums, kept so old results can be compared)."""
+DEFINITIONS = ("0.4.0", "0.3.0", "0.2.0")
+"""NCES definitions: ``0.4.0`` (geometric-mean ratio, exchangeable direction test, the
+``matched`` null neuron-permuted for latents on few coordinates; the default), ``0.3.0`` (the
+same with the band null for every latent) and ``0.2.0`` (ratio of sums), the last two kept so
+old results can be compared."""
 
-DEFAULT_DEFINITION = "0.3.0"
+DEFAULT_DEFINITION = "0.4.0"
 
 LOG_RATIO_FLOOR = 1e-12
 """Nats added to every effect before its log, so zero effects give finite scores.
@@ -145,7 +147,7 @@ def nces_details(
         null_kl = np.where(dead, np.nan, np.nansum(null_mean, axis=1) / np.maximum(n_seq, 1))
     scores = log_scores(effect, null)
     percentile = beaten_fraction(scores)
-    if definition == "0.3.0":
+    if definition != "0.2.0":  # 0.3.0 and 0.4.0 differ in the null only
         with np.errstate(over="ignore"):
             nces = np.exp(scores[:, 0] - scores[:, 1:].mean(axis=1))
         nothing_moved = (np.nansum(effect, axis=1) == 0) & (np.nansum(null_mean, axis=1) == 0)

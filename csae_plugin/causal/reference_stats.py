@@ -23,7 +23,8 @@ class ReferenceStats:
     the latent values at uniformly drawn reference tokens (the ``resample`` intervention).
     For the null: ``act_mean`` and the eigendecomposition of the covariance Sigma of x at the
     hook, ``cov_eigvals`` [d_in] (clamped at 0) and ``cov_eigvecs`` [d_in, d_in] (columns,
-    each with its largest entry positive).
+    each with its largest entry positive), and ``act_var`` [d_in], Sigma's diagonal (the
+    variance of each coordinate: the neuron-permuted null's strata).
     """
 
     mean_act: torch.Tensor
@@ -33,6 +34,7 @@ class ReferenceStats:
     act_mean: torch.Tensor
     cov_eigvals: torch.Tensor
     cov_eigvecs: torch.Tensor
+    act_var: torch.Tensor
     n_tokens: int
 
     @property
@@ -114,5 +116,6 @@ def reference_stats(
         act_mean=act_mean.float(),
         cov_eigvals=eigvals.clamp(min=0),
         cov_eigvecs=eigvecs,
+        act_var=cov.diagonal().clone(),
         n_tokens=n_valid,
     )

@@ -15,7 +15,10 @@ scores these beside the trained SAEs (README, "what exactly is measured"):
 
 ``RANDOM_SHAPES`` holds further random shapes for calibration studies:
 ``random_sqrt_covariance`` (u ~ N(0, Sigma^1/2), between isotropic and covariance-shaped) and
-``random_sparse`` (8 random basis coordinates of the hook's space, Gaussian values).
+``random_sparse`` (8 random basis coordinates of the hook's space, Gaussian values),
+``random_heavy_tailed`` (i.i.d. Student-t coordinates, 2 degrees of freedom: a few coordinates
+carry most of the energy) and ``random_activations`` (centred activation vectors drawn from
+``acts``: the data's own directions, beyond their second moments).
 
 Each is a JumpReLU SAE with encoder = decoder transposed and ``b_dec`` = the activations' mean:
 latent i reads the projection of x - mean on its direction and fires, with that value, on the
@@ -46,7 +49,12 @@ REFERENCE_KINDS = (
 """Every reference dictionary kind (the demo scores ``csae_plugin.demo.DEMO_REFERENCES`` by
 default, ``--references`` any of these)."""
 
-RANDOM_SHAPES = ("random_sqrt_covariance", "random_sparse")
+RANDOM_SHAPES = (
+    "random_sqrt_covariance",
+    "random_sparse",
+    "random_heavy_tailed",
+    "random_activations",
+)
 """Random dictionaries of other shapes, for calibration (not in the demo)."""
 
 SPARSE_COORDINATES = 8
@@ -133,6 +141,13 @@ def reference_directions(
         for row in dirs:
             where = torch.randperm(d_in, generator=gen)[:SPARSE_COORDINATES]
             row[where] = torch.randn(len(where), generator=gen, dtype=torch.float64)
+    elif kind == "random_heavy_tailed":
+        normal = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
+        chi2 = torch.randn(n, d_in, 2, generator=gen, dtype=torch.float64).pow(2).sum(-1)
+        dirs = normal / (chi2 / 2).sqrt()  # Student-t, 2 degrees of freedom
+    elif kind == "random_activations":
+        rows = torch.randint(len(x), (n,), generator=gen)
+        dirs = x[rows] - x.mean(0)
     else:
         isotropic = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
         shaped = (isotropic * eigvals.sqrt()) @ eigvecs.T

@@ -4,12 +4,13 @@
         demo_output/saes/topk_2048_k32                  # raw effects, then the analysis
     python -m evals.study.nces_definition --analyse-only  # the analysis of the saved effects
 
-For each dictionary (trained SAEs given with ``--sae``; random dictionaries of five shapes; the
+For each dictionary (trained SAEs given with ``--sae``; random dictionaries of seven shapes; the
 planted Fisher dictionary) the engine computes every latent's effect and its null effects under
-the ``matched`` (band) and ``matched_eigen`` (0.2.0) nulls on the same sequences, and saves them
-(``<out>/effects/<name>.npz``, so a rerun only adds what is missing). The analysis scores them
-under each definition and null: the per-SAE geometric mean (ratio-of-sums 0.2.0, symmetric log
-0.3.0) with its CI, the rank score, the fraction of p-values below 0.05 (5% for a calibrated
+the ``matched`` (0.4.0), ``matched_band`` (0.3.0's matched) and ``matched_eigen`` (0.2.0's)
+nulls on the same sequences, and saves them (``<out>/effects/<name>.npz``, so a rerun only adds
+what is missing; a 0.3.0 file gets 0.4.0's draws only for the latents whose draws changed). The
+analysis scores them under each score form and null: the per-SAE geometric mean (ratio-of-sums
+0.2.0, symmetric log 0.3.0/0.4.0) with its CI, the rank score, the fraction of p-values below 0.05 (5% for a calibrated
 test on null-like dictionaries), the fraction verified and Storey's fraction beating the null;
 and the variance components that bound the verdict's power (between null directions of one
 latent, and the smallest effect ratio the settings verify). Writes ``summary.json`` and
@@ -29,6 +30,7 @@ from scipy import stats
 from csae_plugin.causal import latent_effects, reference_stats
 from csae_plugin.causal.nces import LOG_RATIO_FLOOR, log_scores, nces_details, nces_metrics
 from csae_plugin.data import corpus_splits
+from csae_plugin.evals.nces.main import neuron_nulls
 from csae_plugin.evals.reference_saes import (
     RANDOM_SHAPES,
     hook_activations,
@@ -39,7 +41,8 @@ from csae_plugin.models import load_model
 from csae_plugin.saes.loading import load_sae_from_folder
 from evals.common import HOOK, MODEL, RESULTS, machine, write_json
 
-NULLS = ("matched", "matched_eigen")
+NULLS = ("matched", "matched_band", "matched_eigen")
+"""0.4.0's default null, 0.3.0's (band draws for every latent) and 0.2.0's."""
 RANDOM = ("random_isotropic", "random_covariance", "random_mixture", *RANDOM_SHAPES)
 FDR = 0.05
 
@@ -71,15 +74,16 @@ def compute(args: argparse.Namespace, out: Path) -> None:
     fisher_rows = splits.train[args.n_reference_sequences :]
     fisher = reference_fisher(model, HOOK, fisher_rows)
     # (name, reference kind or SAE folder, encoder, nulls): the two main random shapes with
-    # tied encoders and the planted control under both nulls, random dictionaries of five
-    # shapes whose firing is independent of their directions (the exactly null-like ones)
-    # under the default null only, then the trained SAEs under both nulls
+    # tied encoders and the planted control under every null, random dictionaries of every
+    # shape whose firing is independent of their directions (the exactly null-like ones) under
+    # the default null and 0.3.0's, then the trained SAEs under every null
     entries = [(kind, kind, "tied", NULLS) for kind in (*RANDOM[:2], "planted_fisher")]
-    entries += [(f"{kind}_independent", kind, "independent", NULLS[:1]) for kind in RANDOM]
+    entries += [(f"{kind}_independent", kind, "independent", NULLS[:2]) for kind in RANDOM]
     entries += [(Path(p).name, p, "tied", NULLS) for p in args.sae]
     for name, source, encoder, nulls in entries:
         path = out / "effects" / f"{name}.npz"
-        if path.exists():
+        saved = load_effects(path)
+        if saved is not None and set(nulls) <= set(saved["nulls"]):
             continue
         if Path(source).is_dir():
             sae = load_sae_from_folder(source)
@@ -88,39 +92,86 @@ def compute(args: argparse.Namespace, out: Path) -> None:
             sae = reference_sae(
                 source, acts, HOOK, d_sae=width, seed=args.seed + 1, fisher=fisher, encoder=encoder
             )
-        rng = np.random.default_rng(args.seed)
-        latents = np.sort(rng.choice(sae.cfg.d_sae, args.latents, replace=False))
         started = time.perf_counter()
         st = reference_stats(model, sae, reference, seed=args.seed)
+        if saved is None:
+            rng = np.random.default_rng(args.seed)
+            latents = np.sort(rng.choice(sae.cfg.d_sae, args.latents, replace=False))
+            effects = latent_effects(
+                model,
+                sae,
+                eval_tokens,
+                latents,
+                st,
+                null_draws=args.null_draws,
+                seqs_per_latent=args.seqs_per_latent,
+                seed=args.seed,
+                null=nulls,
+            )
+            saved = {
+                "latents": effects.latents,
+                "effect": effects.effect,
+                "null_effects": effects.null_effects,
+                "nulls": np.array(nulls),
+                "seconds": 0.0,
+            }
+        else:  # a file from 0.3.0: its 'matched' is band draws; add 0.4.0's 'matched'
+            saved = add_neuron_nulls(model, sae, eval_tokens, st, saved, args)
+        saved["neuron_null"] = neuron_nulls(sae, st, saved["latents"])
+        saved["seconds"] = float(saved["seconds"]) + time.perf_counter() - started
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **saved)
+        print(f"[nces_definition] {name}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def load_effects(path: Path) -> dict[str, np.ndarray] | None:
+    """A saved effects file, its nulls named as now (files written before 0.4.0 call the band
+    null 'matched' and have no 'matched_band': renamed here)."""
+    if not path.exists():
+        return None
+    data = dict(np.load(path))
+    old = ("matched", "matched_eigen")[: data["null_effects"].shape[2]]
+    nulls = [str(n) for n in data.get("nulls", old)]
+    if "matched_band" not in nulls and "neuron_null" not in data:
+        nulls = ["matched_band" if n == "matched" else n for n in nulls]
+    data["nulls"] = np.array(nulls)
+    return data
+
+
+def add_neuron_nulls(model, sae, eval_tokens, st, saved, args) -> dict[str, np.ndarray]:
+    """0.4.0's 'matched' beside a saved 'matched_band': the same draws for every latent the
+    neuron-permuted family does not take (so copied), new effects for those it takes."""
+    nulls = [str(n) for n in saved["nulls"]]
+    band = saved["null_effects"][:, :, nulls.index("matched_band")]
+    matched = band.copy()
+    switched = neuron_nulls(sae, st, saved["latents"])
+    if switched.any():
         effects = latent_effects(
             model,
             sae,
             eval_tokens,
-            latents,
+            saved["latents"][switched],
             st,
             null_draws=args.null_draws,
             seqs_per_latent=args.seqs_per_latent,
             seed=args.seed,
-            null=nulls,
+            null=("matched",),
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(
-            path,
-            latents=effects.latents,
-            effect=effects.effect,
-            null_effects=effects.null_effects,
-            nulls=np.array(nulls),
-            seconds=time.perf_counter() - started,
-        )
-        print(f"[nces_definition] {name}: {time.perf_counter() - started:.0f} s", flush=True)
+        same = np.allclose(effects.effect, saved["effect"][switched], equal_nan=True, rtol=1e-4)
+        if not same:
+            raise RuntimeError("the recomputed effects differ from the saved ones: other settings?")
+        matched[switched] = effects.null_effects[:, :, 0]
+    saved["null_effects"] = np.concatenate([matched[:, :, None], saved["null_effects"]], axis=2)
+    saved["nulls"] = np.array(["matched", *nulls])
+    return saved
 
 
 def analyse(name: str, data: dict[str, np.ndarray]) -> list[dict[str, object]]:
     rows = []
-    nulls = [str(n) for n in data.get("nulls", NULLS)]
+    nulls = [str(n) for n in data["nulls"]]
     for n, null in enumerate(nulls):
         null_effects = data["null_effects"][:, :, n]
-        for definition in ("0.3.0", "0.2.0"):
+        for definition in ("0.4.0", "0.2.0"):  # the score forms (0.3.0 scores like 0.4.0)
             details = nces_details(
                 data["effect"], null_effects, data["latents"], definition=definition, seed=0
             )
@@ -232,7 +283,7 @@ def main() -> None:
         compute(args, out)
     rows = []
     for path in sorted((out / "effects").glob("*.npz")):
-        rows += analyse(path.stem, dict(np.load(path)))
+        rows += analyse(path.stem, load_effects(path))
     summary = {
         "produced_by": "python -m evals.study.nces_definition "
         + " ".join(f"--sae {s}" for s in args.sae),

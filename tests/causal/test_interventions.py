@@ -12,6 +12,11 @@ import torch
 from engine_setup import D_MODEL, POST, sae_and_stats
 
 from csae_plugin import causal as iv
+from csae_plugin.causal.interventions import (
+    NEURON_STRATA,
+    neuron_concentrated,
+    participation_ratio,
+)
 
 
 # 9. the nulls: what each random direction keeps of the latent's own direction
@@ -76,3 +81,37 @@ def test_9_matched_null_is_invariant_to_rotations_within_a_band():
         a = iv.latent_null_directions(plain, 3, 16, 0, null, d)
         b = iv.latent_null_directions(rotated, 3, 16, 0, null, d)
         assert (float((a - b).abs().max()) > 1e-3) == moves, null
+
+
+def test_9_matched_permutes_the_coordinates_of_a_latent_on_few_of_them():
+    """A direction on few coordinates of the hook's space gets, under ``matched``, its own
+    values moved to random coordinates of the same variance strata with random signs (its
+    band draws would be dense); a dense direction keeps the band null (0.3.0's draws)."""
+    _, stats = sae_and_stats("standard", POST)
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(D_MODEL, generator=gen)
+    sparse = torch.zeros(D_MODEL)
+    sparse[[3, 17]] = torch.tensor([2.0, -1.0])
+    assert not neuron_concentrated(stats, dense)
+    assert neuron_concentrated(stats, sparse)
+    for seed in range(3):  # a dense latent's matched draws are the band null's, draw for draw
+        torch.testing.assert_close(
+            iv.latent_null_directions(stats, seed, 8, 0, "matched", dense),
+            iv.latent_null_directions(stats, seed, 8, 0, "matched_band", dense),
+        )
+    u = iv.latent_null_directions(stats, 3, 64, 0, "matched", sparse)
+    band = iv.latent_null_directions(stats, 3, 64, 0, "matched_band", sparse)
+    assert float(participation_ratio(band).median()) > 4 * 1.6  # dense: 4x its 1.6 coordinates
+    unit = sparse / sparse.norm()
+    np.testing.assert_allclose(  # the same values, up to sign, on other coordinates
+        u.abs().sort(dim=1).values.numpy(),
+        unit.abs().sort().values.expand(64, -1).numpy(),
+        atol=1e-6,
+    )
+    rank = torch.empty(D_MODEL, dtype=torch.long)
+    rank[stats.act_var.argsort()] = torch.arange(D_MODEL)
+    stratum = rank * NEURON_STRATA // D_MODEL
+    for row in u:
+        assert sorted(stratum[row != 0].tolist()) == sorted(stratum[[3, 17]].tolist())
+    assert len({tuple(row.nonzero().flatten().tolist()) for row in u}) > 1  # coordinates move
+    assert (u[:, u.abs().sum(0).argmax()] > 0).any() and (u[:, u.abs().sum(0).argmax()] < 0).any()

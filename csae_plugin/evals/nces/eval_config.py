@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from sae_bench.evals.base_eval_output import BaseEvalConfig
 
-from csae_plugin.causal import DEFAULT_NULL, check_nulls
+from csae_plugin.causal import DEFAULT_NULL, NULLS, check_nulls
 from csae_plugin.causal.nces import DEFAULT_DEFINITION
 
 EMBEDDED_DATASET = "stdlib-docs"
@@ -77,11 +77,13 @@ class NCESEvalConfig(BaseEvalConfig):
         "(u ~ N(0, Sigma)) or 'isotropic' (u ~ N(0, I)); several comma-separated, each scored "
         "on its own, the first giving the headline metrics",
     )
-    nces_definition: Literal["0.3.0", "0.2.0"] = Field(
+    nces_definition: Literal["0.4.0", "0.3.0", "0.2.0"] = Field(
         default=DEFAULT_DEFINITION,
         title="NCES Definition",
-        description="'0.3.0': NCES is the latent's geometric-mean effect over its null "
-        "directions' (unbiased at 1 for random directions), tested against their spread; "
+        description="'0.4.0': NCES is the latent's geometric-mean effect over its null "
+        "directions' (unbiased at 1 for random directions), tested against their spread, and "
+        "'matched' gives a latent concentrated on few coordinates its own coordinates permuted "
+        "as null; '0.3.0': the same with 'matched' the band null for every latent; "
         "'0.2.0': the earlier ratio of summed effects, with 'matched' meaning 'matched_eigen', "
         "to compare with results of csae-plugin 0.2",
     )
@@ -221,18 +223,20 @@ class NCESEvalConfig(BaseEvalConfig):
     @classmethod
     def _parse_null(cls, value: str) -> str:
         """One or more of the known nulls, comma-separated, duplicates dropped."""
-        return ",".join(check_nulls(value))
+        return ",".join(check_nulls(value, NULLS))
 
     @property
     def nulls(self) -> tuple[str, ...]:
         """The requested nulls, the headline one first."""
-        return check_nulls(self.null)
+        return check_nulls(self.null, NULLS)
 
     @property
     def engine_nulls(self) -> tuple[str, ...]:
-        """The nulls the engine draws: :attr:`nulls`, with 0.2.0's ``matched`` where asked."""
-        if self.nces_definition == "0.2.0":
-            return tuple("matched_eigen" if null == "matched" else null for null in self.nulls)
+        """The nulls the engine draws: :attr:`nulls`, with an older definition's ``matched``
+        where asked (0.2.0: ``matched_eigen``, 0.3.0: ``matched_band``)."""
+        old = {"0.2.0": "matched_eigen", "0.3.0": "matched_band"}.get(self.nces_definition)
+        if old is not None:
+            return tuple(old if null == "matched" else null for null in self.nulls)
         return self.nulls
 
     @field_validator("latents")

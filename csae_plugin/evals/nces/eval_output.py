@@ -152,7 +152,7 @@ class NCESMetrics(BaseMetrics):
     nces_definition: str | None = Field(
         default=None,
         title="NCES Definition",
-        description="Version of the NCES definition these numbers follow (0.3.0 or 0.2.0)",
+        description="Version of the NCES definition these numbers follow (0.4.0, 0.3.0 or 0.2.0)",
     )
 
 
@@ -192,7 +192,8 @@ class NCESLatentDetail(BaseResultDetail):
     latent: int = Field(title="Latent", description="Index of the latent in the SAE")
     nces: float | None = Field(
         title="NCES",
-        description="0.3.0: exp(mean log effect of the latent's direction - mean over its "
+        description="0.3.0 and 0.4.0: exp(mean log effect of the latent's direction - mean "
+        "over its "
         "null directions of theirs), over its sequences; 0.2.0: sum of effects / sum of null "
         "effects",
     )
@@ -236,6 +237,13 @@ class NCESLatentDetail(BaseResultDetail):
         title="Second Round",
         description="With adaptive: whether the latent, undecided after round 1, got the "
         "second round (its numbers are then from all its data)",
+    )
+    neuron_null: bool | None = Field(
+        default=None,
+        title="Neuron-Permuted Null",
+        description="Whether the 'matched' null (definition 0.4.0) drew this latent's null "
+        "directions by permuting its own coordinates (a latent on far fewer coordinates than "
+        "band-shaped directions) rather than from the spectral bands",
     )
     verified_all_nulls: bool = Field(
         default=False,

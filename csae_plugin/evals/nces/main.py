@@ -24,7 +24,7 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from csae_plugin import models
-from csae_plugin.causal import LatentEffects, latent_effects, reference_stats
+from csae_plugin.causal import LatentEffects, ReferenceStats, latent_effects, reference_stats
 from csae_plugin.causal.adaptive import (
     adaptive_details,
     continues,
@@ -33,6 +33,7 @@ from csae_plugin.causal.adaptive import (
     subset,
 )
 from csae_plugin.causal.engine import estimate_seconds
+from csae_plugin.causal.interventions import decoder_directions, neuron_concentrated
 from csae_plugin.causal.nces import effects_details
 from csae_plugin.evals import config_from_args, pending_result, validate_inputs, write_json_atomic
 from csae_plugin.evals.nces import shards
@@ -182,6 +183,8 @@ def evaluate_sae(
         round1 = None if effects is None else effects_details(effects, **detail_options)
         if round1 is not None:
             round1["n_null_draws"] = config.null_draws
+            if "matched" in config.engine_nulls:
+                round1["neuron_null"] = neuron_nulls(sae, stats, round1["latent"].to_numpy())
         if config.adaptive:
             final = _second_round(
                 config, compute, latents, effects, round1, work_dir, key, progress
@@ -193,9 +196,18 @@ def evaluate_sae(
             round1, stats.mean_act.cpu().numpy(), config, _screen(chosen)
         )
     details = adaptive_details(round1, final, **detail_options)
+    if "neuron_null" in round1:
+        by_latent = round1.set_index("latent")["neuron_null"]
+        details["neuron_null"] = by_latent.reindex(details["latent"]).to_numpy()
     return NCESResult.from_details(
         details, stats.mean_act.cpu().numpy(), config, _screen(chosen), round1=round1
     )
+
+
+def neuron_nulls(sae: SAE, stats: ReferenceStats, latents: np.ndarray) -> np.ndarray:
+    """Per latent, whether the ``matched`` null permutes its coordinates (bool array)."""
+    directions = decoder_directions(sae, torch.as_tensor(latents, dtype=torch.long)).detach()
+    return np.array([neuron_concentrated(stats, d) for d in directions], dtype=bool)
 
 
 def _screen(chosen) -> dict[str, Any] | None:

@@ -201,3 +201,27 @@ def test_e12_result_files_validate_against_the_committed_schema(tmp_path):
     validator.validate(data)
     data["eval_result_metrics"]["nces"]["n_latents_evaluated"] = "six"
     assert not validator.is_valid(data)
+
+
+# E13. the details say which null family each latent got; a latent on one coordinate of the
+# hook's space gets 0.4.0's neuron-permuted draws, 0.3.0 keeps band draws for every latent
+def test_e13_details_name_each_latents_null_family():
+    model, sae, config = make_tiny_model(), standard_sae(), tiny_config()
+    one_hot = config.latents[0]
+    with torch.no_grad():
+        sae.W_dec[one_hot] = 0.0
+        sae.W_dec[one_hot, 5] = 1.0
+    tokens = make_tokens(12, seed=1), make_tokens(12, seed=2)
+    result = nces_main.evaluate_sae(model, sae, *tokens, config, progress=False)
+    family = dict(zip(result.details["latent"], result.details["neuron_null"], strict=True))
+    assert family[one_hot] and not any(family[i] for i in config.latents[1:])
+    old = dataclasses.replace(config, nces_definition="0.3.0")
+    result_03 = nces_main.evaluate_sae(model, sae, *tokens, old, progress=False)
+    assert "neuron_null" not in result_03.details
+    same = result.details["latent"] != one_hot  # dense latents: the same draws, same numbers
+    assert list(result.details["nces"][same]) == pytest.approx(
+        list(result_03.details["nces"][same])
+    )
+    assert result.details["nces"][~same].item() != pytest.approx(
+        result_03.details["nces"][~same].item()
+    )
