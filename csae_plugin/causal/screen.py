@@ -89,7 +89,7 @@ def null_weights(
     basis = stats.cov_eigvecs.to(directions)
     if null == "matched_eigen":
         energy = (directions @ basis) ** 2
-    elif null == "matched":  # each band's energy spread evenly over the band
+    elif null in ("matched", "matched_band"):  # each band's energy spread over the band
         bands = spectral_bands(stats.cov_eigvals).to(directions.device)
         per_dir = (directions @ basis) ** 2
         n_bands = int(bands.max()) + 1

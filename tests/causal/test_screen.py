@@ -69,3 +69,16 @@ def test_screen_refuses_what_it_cannot_estimate():
         nces_screen(model, sae, tokens()[64:66], stats, intervention="resample")
     with pytest.raises(ValueError, match="samples=0"):
         nces_screen(model, sae, tokens()[64:66], stats, samples=0)
+
+
+def test_the_screens_null_reads_0_3_0s_band_null_as_the_matched_one():
+    """Definition 0.3.0 draws ``matched_band``: the screen's null expectation for it is the
+    band-spread energy of ``matched`` (not the isotropic fallback)."""
+    from csae_plugin.causal.screen import null_weights
+
+    sae = make_sae("standard", POST)
+    stats = iv.reference_stats(tiny_model(), sae, reference_tokens(), bos_token_id=BOS)
+    directions = iv.decoder_directions(sae, torch.arange(8)).detach().double()
+    band = null_weights(stats, directions, "matched_band")
+    torch.testing.assert_close(band, null_weights(stats, directions, "matched"))
+    assert not torch.allclose(band, null_weights(stats, directions, "isotropic"))
