@@ -360,6 +360,7 @@ FINETUNE_GOAL = (
     "equal-compute TopK's"
 )
 FINETUNE = {
+    "kl_estimator": "exact",  # pinned: the architecture's default became "fisher" after these runs
     "kl_every": 1,
     "kl_batch_size": 32,
     "kl_positions": 0,
