@@ -28,13 +28,7 @@ import torch
 from scipy import stats as sps
 
 from csae_plugin.causal.draws import draw_generator
-from csae_plugin.causal.interventions import (
-    NEURON_NULL_RATIO,
-    SELECTION_DRAWS,
-    band_matched,
-    null_directions,
-    participation_ratio,
-)
+from csae_plugin.causal.interventions import NEURON_NULL_RATIO, concentration, null_directions
 from csae_plugin.causal.reference_stats import ReferenceStats
 from csae_plugin.data import corpus_splits
 from csae_plugin.evals.reference_saes import (
@@ -96,17 +90,7 @@ def shape_row(dirs: torch.Tensor, st: ReferenceStats, fisher: torch.Tensor, args
         u = u.double() / u.double().norm(dim=-1, keepdim=True)
         return torch.log(torch.einsum("...i,ij,...j->...", u, fisher, u)).numpy()
 
-    basis = st.cov_eigvecs.double()
-    z = torch.randn(
-        SELECTION_DRAWS, basis.shape[0], generator=draw_generator(0, 5), dtype=torch.float64
-    )
-    ratio = np.array(
-        [
-            float(torch.log(participation_ratio(d) / participation_ratio(
-                band_matched(z, d.double(), basis, st.cov_eigvals)).median()))
-            for d in dirs
-        ]
-    )  # fmt: skip
+    ratio = np.log([concentration(st, d) for d in dirs])
     row = {
         "log_pr_ratio_quantiles_0_10_50_90": np.quantile(ratio, [0, 0.1, 0.5, 0.9]).tolist(),
         "frac_neuron_null": float((ratio < np.log(NEURON_NULL_RATIO)).mean()),

@@ -10,11 +10,11 @@ the ``matched`` (0.4.0), ``matched_band`` (0.3.0's matched) and ``matched_eigen`
 nulls on the same sequences, and saves them (``<out>/effects/<name>.npz``, so a rerun only adds
 what is missing; a 0.3.0 file gets 0.4.0's draws only for the latents whose draws changed). The
 analysis scores them under each score form and null: the per-SAE geometric mean (ratio-of-sums
-0.2.0, symmetric log 0.3.0/0.4.0) with its CI, the rank score, the fraction of p-values below 0.05 (5% for a calibrated
-test on null-like dictionaries), the fraction verified and Storey's fraction beating the null;
-and the variance components that bound the verdict's power (between null directions of one
-latent, and the smallest effect ratio the settings verify). Writes ``summary.json`` and
-``summary.md`` to ``--out``.
+0.2.0, symmetric log 0.3.0/0.4.0) with its CI, the rank score, the fraction of p-values below
+0.05 (5% for a calibrated test on null-like dictionaries), the fraction verified and Storey's
+fraction beating the null; and the variance components that bound the verdict's power (between
+null directions of one latent, and the smallest effect ratio the settings verify). Writes
+``summary.json`` and ``summary.md`` to ``--out``.
 """
 
 from __future__ import annotations
