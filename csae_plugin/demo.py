@@ -25,6 +25,7 @@ from csae_plugin.evals.api import (
 )
 from csae_plugin.evals.reference_saes import REFERENCE_KINDS, save_reference_saes
 from csae_plugin.models import EMBEDDED_MODEL, check_hook, load_model
+from csae_plugin.saes.causal import DEFAULT_LAMBDA_KL
 from csae_plugin.training import TrainSpec, cache_activations, train_sae
 from csae_plugin.training.cache import STORE_BATCH_PROMPTS
 from csae_plugin.training.train import activations_read
@@ -60,7 +61,7 @@ def arg_parser() -> argparse.ArgumentParser:
         "--lambda-kl",
         type=float,
         default=None,
-        help="causal SAE's KL weight (default: 10 with fisher, 1 with exact)",
+        help="causal SAE's KL weight (default: the config's, 1000, with fisher; 1 with exact)",
     )
     parser.add_argument(
         "--kl-every", type=int, default=None, help="default: 1 with fisher, 10 with exact"
@@ -119,7 +120,9 @@ def causal_overrides(args: argparse.Namespace) -> dict[str, object]:
     fisher = args.kl_estimator == "fisher"
     overrides: dict[str, object] = {
         "kl_estimator": args.kl_estimator,
-        "lambda_kl": args.lambda_kl if args.lambda_kl is not None else (10.0 if fisher else 1.0),
+        "lambda_kl": args.lambda_kl
+        if args.lambda_kl is not None
+        else DEFAULT_LAMBDA_KL[args.kl_estimator],
         "kl_every": args.kl_every if args.kl_every is not None else (1 if fisher else 10),
     }
     if fisher:

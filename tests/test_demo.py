@@ -55,12 +55,12 @@ def test_demo_trains_scores_and_tabulates_with_reference_dictionaries(tmp_path, 
 
 
 def test_demo_causal_settings_follow_the_kl_estimator():
-    """Fisher (the default): lambda 10 every step on --fisher-sequences; exact: the config's
+    """Fisher (the default): the config's lambda (1000) every step on --fisher-sequences; exact:
     lambda 1 every 10 steps with --kl-positions; explicit flags win over both."""
     parse = demo.arg_parser().parse_args
     assert demo.causal_overrides(parse([])) == {
         "kl_estimator": "fisher",
-        "lambda_kl": 10.0,
+        "lambda_kl": 1000.0,
         "kl_every": 1,
         "fisher_sequences": 8,
     }

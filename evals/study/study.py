@@ -17,20 +17,26 @@ causal SAE's KL term runs the model (on sequences of the same training set). Ste
     python -m evals.study.study --seeds 0 --no-probe  # one seed, no probing
     python -m evals.study.study --tables-only         # rebuild tables from finished results
     python -m evals.study.study --finetune            # the KL fine-tune study (issue 25)
+    python -m evals.study.study --second-order        # the second-order KL, validated weight
 
 Results go to ``evals/results/study_cpu/`` (``--finetune``: ``evals/results/study_finetune/``,
-reading the activation cache of ``study_cpu``); the activation cache and trained SAEs stay out
+``--second-order``: ``evals/results/study_second_order/``, both reading the activation cache of
+``study_cpu``); the activation cache and trained SAEs stay out
 of git (``cache/`` and ``saes/`` are ignored).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -492,27 +498,28 @@ def calibrate(model, train, cache, bos, out: Path, eval_tokens, architecture: st
     return value
 
 
-def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) -> None:
-    """The KL fine-tune against TopK (same steps, equal compute) and the other baselines,
-    every seed, from the study's activation cache; tables after each seed."""
-    cache = cache_activations(model, HOOK, train, RESULTS / "study_cpu" / "cache")
-    settings_path = out / "settings.json"
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+def read_settings(model, train, out: Path) -> dict:
+    """``out/settings.json``, with the CPU seconds of the one pass that fills the cache."""
+    path = out / "settings.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
     if "cache_cpu_seconds" not in settings:
         settings["cache_cpu_seconds"] = cache_cpu_seconds(model, train)
-        write_json(settings_path, settings)
-    eval_dir = out / "eval_results"
-    score_args = (model, splits, PRESET, eval_dir, "zero", 0)
-    topk = TrainSpec("topk", PRESET.d_sae, K)
-    causal = TrainSpec("causal", PRESET.d_sae, K, dict(FINETUNE))
-    settings.setdefault("lambda_kl", FINETUNE["lambda_kl"])
-    if not (out / "kl_step.json").is_file() or "equal_compute_topk_steps" not in settings:
-        topk0 = train_one(model, train, cache, bos, "topk_s0", topk, STEPS, 0, out)
-        kl_step_measure(model, splits, bos, topk0, out / "kl_step.json")
-        causal0 = train_one(model, train, cache, bos, "causal_s0", causal, STEPS, 0, out)
-        seconds = {
-            f.name: json.loads((f / "train_cpu_seconds.json").read_text()) for f in (topk0, causal0)
-        }
+        write_json(path, settings)
+    return settings
+
+
+def equal_compute_steps(
+    model, train, cache, bos, out: Path, settings: dict, topk: TrainSpec, causal: TrainSpec
+) -> int:
+    """Steps of the equal-compute TopK: ``STEPS`` x the causal SAE's whole training (the cache
+    pass plus its training from the cache, CPU seconds, seed 0) over TopK's; kept in
+    ``settings``."""
+    if "equal_compute_topk_steps" not in settings:
+        folders = [
+            train_one(model, train, cache, bos, f"{name}_s0", spec, STEPS, 0, out)
+            for name, spec in (("topk", topk), ("causal", causal))
+        ]
+        seconds = {f.name: json.loads((f / "train_cpu_seconds.json").read_text()) for f in folders}
         whole = {n: settings["cache_cpu_seconds"] + s for n, s in seconds.items()}
         settings |= {
             "train_cpu_seconds_from_cache_seed0": seconds,
@@ -520,8 +527,66 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
             "ratio_causal_over_topk_whole": whole["causal_s0"] / whole["topk_s0"],
             "equal_compute_topk_steps": math.ceil(STEPS * whole["causal_s0"] / whole["topk_s0"]),
         }
-        write_json(settings_path, settings)
-    equal = settings["equal_compute_topk_steps"]
+        write_json(out / "settings.json", settings)
+    return settings["equal_compute_topk_steps"]
+
+
+@dataclass
+class Runs:
+    """A study's SAEs by name and seed, each trained from the cache only when a result it
+    needs is missing (trained SAEs are not kept between sessions), scored, and tables rebuilt."""
+
+    model: Any
+    splits: Any
+    train: torch.Tensor
+    cache: Path
+    bos: int
+    out: Path
+    rows: dict[str, tuple[TrainSpec, int]]
+    rebuild: Callable[[], Any]
+
+    @property
+    def score_args(self) -> tuple:
+        return (self.model, self.splits, PRESET, self.out / "eval_results", "zero", 0)
+
+    def folder(self, name: str, seed: int) -> Path:
+        """The SAE ``name`` of ``seed``, trained (again, seeded) unless kept from a run before."""
+        spec, steps = self.rows[name]
+        args = (self.model, self.train, self.cache, self.bos, f"{name}_s{seed}", spec, steps)
+        return train_one(*args, seed, self.out)
+
+    def run(self, evals: list[str], names: tuple[str, ...], seed: int) -> None:
+        """Score ``evals`` on ``names`` at ``seed``, training only the SAEs that miss a result."""
+        eval_dir = self.out / "eval_results"
+        missing = [
+            name
+            for name in names
+            for e in evals
+            if not (eval_dir / e / f"local_{name}_s{seed}_eval_results.json").is_file()
+        ]
+        if missing:
+            score(evals, [self.folder(n, seed) for n in dict.fromkeys(missing)], *self.score_args)
+            self.rebuild()
+
+    def probe(self, name: str, seed: int) -> None:
+        """Targeted probing of ``name`` at ``seed`` unless already in ``probing.json``."""
+        path = self.out / "probing.json"
+        if f"{name}_s{seed}" not in (json.loads(path.read_text()) if path.is_file() else {}):
+            probe(self.model, self.splits, [self.folder(name, seed)], self.out)
+
+
+def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) -> None:
+    """The KL fine-tune against TopK (same steps, equal compute) and the other baselines,
+    every seed, from the study's activation cache; tables after each seed."""
+    cache = cache_activations(model, HOOK, train, RESULTS / "study_cpu" / "cache")
+    settings = read_settings(model, train, out)
+    topk = TrainSpec("topk", PRESET.d_sae, K)
+    causal = TrainSpec("causal", PRESET.d_sae, K, dict(FINETUNE))
+    settings.setdefault("lambda_kl", FINETUNE["lambda_kl"])
+    if not (out / "kl_step.json").is_file():
+        topk0 = train_one(model, train, cache, bos, "topk_s0", topk, STEPS, 0, out)
+        kl_step_measure(model, splits, bos, topk0, out / "kl_step.json")
+    equal = equal_compute_steps(model, train, cache, bos, out, settings, topk, causal)
     l1 = calibrate(model, train, cache, bos, out, splits.eval[:16], "standard")
     rows = {
         "topk": (topk, STEPS),
@@ -537,30 +602,8 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
             STEPS,
         )
 
-    def folder(name: str, seed: int) -> Path:
-        """The SAE ``name`` of ``seed``, trained (again, seeded) unless kept from a run before."""
-        spec, steps = rows[name]
-        return train_one(model, train, cache, bos, f"{name}_s{seed}", spec, steps, seed, out)
-
-    def run(evals: list[str], names: tuple[str, ...], seed: int) -> None:
-        """Score ``evals`` on ``names`` at ``seed``, training only the SAEs that miss a result
-        (the trained SAEs are not kept between sessions)."""
-        missing = [
-            name
-            for name in names
-            for e in evals
-            if not (eval_dir / e / f"local_{name}_s{seed}_eval_results.json").is_file()
-        ]
-        if missing:
-            score(evals, [folder(n, seed) for n in dict.fromkeys(missing)], *score_args)
-            finetune_tables(out, settings)
-
-    def probe_seed(name: str, seed: int) -> None:
-        path = out / "probing.json"
-        if probe_saes and f"{name}_s{seed}" not in (
-            json.loads(path.read_text()) if path.is_file() else {}
-        ):
-            probe(model, splits, [folder(name, seed)], out)
+    runs = Runs(model, splits, train, cache, bos, out, rows, lambda: finetune_tables(out, settings))
+    run, probe_seed = runs.run, (runs.probe if probe_saes else lambda name, seed: None)
 
     # cheapest first, so that what a session's time leaves out is the costly retraining of the
     # causal SAEs: the goal's core results (every seed), the lambda-20 variant (seed 0, added
@@ -585,7 +628,7 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
         run(["core"], ("jumpreluk32",), seed)
     baselines = ("batchtopk", "jumpreluk32", "standard")
     run(["nces"], baselines, seeds[0])
-    score(["nces"], study_references(model, splits, bos, out), *score_args)
+    score(["nces"], study_references(model, splits, bos, out), *runs.score_args)
     finetune_tables(out, settings)
     for seed in seeds[1:]:
         run(["nces"], baselines, seed)
@@ -595,6 +638,170 @@ def run_finetune(model, splits, train, bos, seeds, out: Path, probe_saes: bool) 
     for seed in seeds:
         run(["nces"], ("causal",), seed)
         probe_seed("causal", seed)
+    print(finetune_tables(out, settings))
+
+
+# --- The second-order KL at a weight chosen on validation sequences (issue 25) --------------
+
+SECOND_ORDER_GRID = (10.0, 100.0, 1000.0, 3000.0, 10000.0)
+"""``lambda_kl`` values of the second-order KL the pilot tries (seed 0): 10 is the weight the
+400-step study used (its gradient about the MSE's size), each next one moves the balance further
+from reconstruction towards the model's output."""
+VALIDATION = slice(64, 96)
+"""Held-out sequences the pilot scores on: disjoint from the 32 the study's core scores on."""
+SECOND_ORDER = {"kl_estimator": "fisher", "kl_every": 1, "lambda_kl": 1000.0}
+"""The causal SAE of the second-order study: the KL's second-order form on every training
+token at the weight the pilot chose (``pilot.json``), fixed here before seeds 0-2 ran."""
+
+
+def pilot_second_order(model, splits, train, cache, bos, out: Path) -> dict:
+    """Seed 0 of TopK and of the causal SAE at each :data:`SECOND_ORDER_GRID` weight, core on
+    the :data:`VALIDATION` sequences; chosen: the smallest weight that meets the goal's
+    CE-loss gap (<= 0.7 x TopK's) there, so the least reconstruction is paid for it."""
+    path = out / "pilot.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    validation = dataclasses.replace(splits, eval=splits.eval[VALIDATION])
+    eval_dir = out / "pilot_eval_results"
+    specs = {"topk": TrainSpec("topk", PRESET.d_sae, K)}
+    for lam in SECOND_ORDER_GRID:
+        overrides = {**SECOND_ORDER, "lambda_kl": lam}
+        specs[f"lambda{lam:g}"] = TrainSpec("causal", PRESET.d_sae, K, overrides)
+    rows = {}
+    for name, spec in specs.items():
+        sae = f"pilot_{name}_s0"
+        folder = train_one(model, train, cache, bos, sae, spec, STEPS, 0, out)
+        score(["core"], [folder], model, validation, PRESET, eval_dir, "zero", 0)
+        result = json.loads((eval_dir / "core" / f"local_{sae}_eval_results.json").read_text())
+        metrics = result["eval_result_metrics"]
+        rows[name] = {
+            "ce_gap": 1 - metrics["model_performance_preservation"]["ce_loss_score"],
+            "kl_gap": 1 - metrics["model_behavior_preservation"]["kl_div_score"],
+            "explained_variance": metrics["reconstruction_quality"]["explained_variance_centered"],
+            "train_cpu_seconds": json.loads((folder / "train_cpu_seconds.json").read_text()),
+        }
+        print(f"[second-order] pilot {name}: {rows[name]}", flush=True)
+    meets = [
+        lam
+        for lam in SECOND_ORDER_GRID
+        if rows[f"lambda{lam:g}"]["ce_gap"] <= 0.7 * rows["topk"]["ce_gap"]
+    ]
+    chosen = min(meets) if meets else max(SECOND_ORDER_GRID)
+    pilot = {
+        "rule": (
+            "the smallest lambda_kl of the grid whose CE-loss gap on the validation sequences is "
+            "<= 0.7 x TopK's (the goal), so the least reconstruction is paid for it; the largest "
+            "if none is"
+        ),
+        "validation_sequences": [VALIDATION.start, VALIDATION.stop],
+        "rows": rows,
+        "chosen_lambda_kl": chosen,
+        "machine": machine(),
+    }
+    write_json(path, pilot)
+    plot_pilot(rows, out / "plots" / "pilot_tradeoff.png")
+    return pilot
+
+
+def plot_pilot(rows: dict, path: Path) -> None:
+    """CE-loss gap against explained variance for TopK and each second-order weight."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for name, row in rows.items():
+        ax.plot(row["explained_variance"], row["ce_gap"], "s" if name == "topk" else "o")
+        ax.annotate(name.replace("lambda", "λ "), (row["explained_variance"], row["ce_gap"]))
+    ax.axhline(0.7 * rows["topk"]["ce_gap"], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("explained variance (validation sequences)")
+    ax.set_ylabel("CE-loss gap, 1 - CE-loss score")
+    ax.set_title("second-order KL weight: seed 0, 400 steps; dashed: 0.7 x TopK's gap")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def second_order_step_measure(model, splits, bos: int, folder: Path, path: Path) -> dict:
+    """At the trained seed-0 TopK SAE (inference form, model units): the cosine of the training
+    loss's gradient, MSE (one 1024-token batch, in the training units' scale) + lambda_kl x the
+    second-order KL (F estimated as in training), with the held-out KL's gradient (64
+    sequences, exact), for each weight of the pilot's grid and both terms alone."""
+    from torch.nn.functional import cosine_similarity
+
+    from csae_plugin.causal.tail import capture, parse_hook
+    from csae_plugin.saes.loading import load_sae
+    from csae_plugin.training.fisher import fisher_kl, hook_fisher
+    from csae_plugin.training.kl import spliced_kl
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    sae = load_sae(str(folder))[0]
+    params = [p for p in sae.parameters() if p.requires_grad]
+    plan, special = parse_hook(HOOK), torch.tensor([bos])
+
+    def grad(loss: torch.Tensor) -> torch.Tensor:
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    t0 = time.perf_counter()
+    fisher = hook_fisher(model, HOOK, splits.train[:32], special_ids=special, samples=2, seed=0)
+    fisher_seconds = time.perf_counter() - t0
+    batch = splits.train[32:40]  # 8 x 128 tokens, as one training batch of 1024
+    with torch.no_grad():
+        x = capture(model, plan, batch)[0][batch != bos]
+    scale = x.shape[-1] ** 0.5 / x.norm(dim=-1).mean()  # SAELens's expected_average_only_in
+    error = sae(x) - x
+    mse = (scale**2 * error.pow(2).sum(-1)).mean()
+    g_mse, g_fisher = grad(mse), grad(fisher_kl(error, fisher))
+    held = grad(spliced_kl(model, plan, sae, splits.eval[:HELD_OUT_SEQUENCES], special))
+
+    def cos(g: torch.Tensor) -> float:
+        return cosine_similarity(g, held, dim=0).item()
+
+    result = {
+        "cosine_with_held_out_kl_gradient": {
+            "mse_alone": cos(g_mse),
+            "second_order_kl_alone": cos(g_fisher),
+            **{f"lambda_{lam:g}": cos(g_mse + lam * g_fisher) for lam in SECOND_ORDER_GRID},
+        },
+        "gradient_norm_ratio_second_order_over_mse_at_lambda_1": (
+            g_fisher.norm() / g_mse.norm()
+        ).item(),
+        "fisher_seconds": fisher_seconds,
+        "held_out_sequences": HELD_OUT_SEQUENCES,
+        "sae": folder.name,
+        "machine": machine(),
+    }
+    write_json(path, result)
+    print(f"[second-order] step: {result}", flush=True)
+    return result
+
+
+def run_second_order(model, splits, train, bos, seeds, out: Path, probe_saes: bool) -> None:
+    """The causal SAE with the second-order KL at the pilot's weight against TopK (same steps,
+    equal compute): core for every seed, then NCES and probing; the fine-tune study's goal."""
+    cache = cache_activations(model, HOOK, train, RESULTS / "study_cpu" / "cache")
+    pilot = pilot_second_order(model, splits, train, cache, bos, out)
+    if pilot["chosen_lambda_kl"] != SECOND_ORDER["lambda_kl"]:
+        print(
+            f"[second-order] the pilot chose lambda_kl {pilot['chosen_lambda_kl']:g}, "
+            f"SECOND_ORDER has {SECOND_ORDER['lambda_kl']:g}",
+            flush=True,
+        )
+    settings = read_settings(model, train, out) | {"causal": SECOND_ORDER}
+    topk = TrainSpec("topk", PRESET.d_sae, K)
+    causal = TrainSpec("causal", PRESET.d_sae, K, dict(SECOND_ORDER))
+    equal = equal_compute_steps(model, train, cache, bos, out, settings, topk, causal)
+    rows = {"topk": (topk, STEPS), "causal": (causal, STEPS), "topkequal": (topk, equal)}
+    runs = Runs(model, splits, train, cache, bos, out, rows, lambda: finetune_tables(out, settings))
+    goal_saes = ("topk", "causal", "topkequal")
+    for seed in seeds:
+        runs.run(["core"], goal_saes, seed)
+    second_order_step_measure(model, splits, bos, runs.folder("topk", 0), out / "step.json")
+    for seed in seeds:
+        runs.run(["nces"], ("causal",), seed)
+        if probe_saes:
+            runs.probe("causal", seed)
+    for seed in seeds:
+        runs.run(["nces"], ("topkequal",), seed)
     print(finetune_tables(out, settings))
 
 
@@ -674,16 +881,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variant", choices=sorted(VARIANTS), help="only the causal SAE with this KL setting"
     )
-    parser.add_argument(
+    study = parser.add_mutually_exclusive_group()
+    study.add_argument(
         "--finetune", action="store_true", help="the KL fine-tune study (into study_finetune)"
     )
+    study.add_argument(
+        "--second-order",
+        action="store_true",
+        help="the second-order KL at a validated weight (into study_second_order)",
+    )
     args = parser.parse_args(argv)
-    out: Path = RESULTS / "study_finetune" if args.finetune else args.out
+    out: Path = (
+        RESULTS / "study_finetune"
+        if args.finetune
+        else RESULTS / "study_second_order"
+        if args.second_order
+        else args.out
+    )
     out.mkdir(parents=True, exist_ok=True)
     if args.tables_only:
         settings = out / "settings.json"
         print(
-            finetune_tables(out, json.loads(settings.read_text())) if args.finetune else tables(out)
+            finetune_tables(out, json.loads(settings.read_text()))
+            if args.finetune or args.second_order
+            else tables(out)
         )
         return
     started = time.perf_counter()
@@ -694,6 +915,9 @@ def main(argv: list[str] | None = None) -> None:
     train = splits.train[: splits.train.shape[0] // 8 * 8]
     if args.finetune:
         run_finetune(model, splits, train, bos, args.seeds, out, not args.no_probe)
+        return
+    if args.second_order:
+        run_second_order(model, splits, train, bos, args.seeds, out, not args.no_probe)
         return
     if args.variant:
         run_variant(model, splits, train, bos, args.variant, args.seeds, out)

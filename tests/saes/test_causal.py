@@ -364,3 +364,18 @@ def test_bad_config_gives_a_clear_error(kwargs, needle):
     with pytest.raises(ValueError, match=needle) as err:
         causal_cfg(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_lambda_kl_left_unset_takes_the_estimators_default_and_is_saved_as_a_number():
+    """Unset, the KL weight follows ``kl_estimator`` (the second-order form's weight would be
+    far too large for the exact term); given, it is kept; either way the config holds a float."""
+    from csae_plugin.saes.causal import DEFAULT_LAMBDA_KL
+
+    def cfg(**kw) -> CausalTrainingSAEConfig:
+        return CausalTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, **kw)
+
+    assert cfg().lambda_kl == DEFAULT_LAMBDA_KL["fisher"] == 1000.0
+    assert cfg(kl_estimator="exact").lambda_kl == DEFAULT_LAMBDA_KL["exact"] == 1.0
+    assert cfg(kl_estimator="exact", lambda_kl=4.0).lambda_kl == 4.0
+    assert cfg(lambda_kl=0.0).lambda_kl == 0.0
+    assert cfg().to_dict()["lambda_kl"] == 1000.0
