@@ -24,7 +24,7 @@ from csae_plugin.training.runner import CausalSAETrainingRunner  # noqa: E402
 
 register()
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "CausalSAE",

@@ -711,11 +711,18 @@ def plot_pilot(rows: dict, path: Path) -> None:
     ax = fig.subplots()
     for name, row in rows.items():
         ax.plot(row["explained_variance"], row["ce_gap"], "s" if name == "topk" else "o")
-        ax.annotate(name.replace("lambda", "λ "), (row["explained_variance"], row["ce_gap"]))
-    ax.axhline(0.7 * rows["topk"]["ce_gap"], color="grey", lw=0.8, ls="--")
+        label = "TopK" if name == "topk" else name.replace("lambda", "λ ")
+        ax.annotate(
+            label,
+            (row["explained_variance"], row["ce_gap"]),
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.axhline(0.7 * rows["topk"]["ce_gap"], color="grey", lw=0.8, ls="--", label="0.7 x TopK's")
+    ax.legend(loc="upper left")
     ax.set_xlabel("explained variance (validation sequences)")
     ax.set_ylabel("CE-loss gap, 1 - CE-loss score")
-    ax.set_title("second-order KL weight: seed 0, 400 steps; dashed: 0.7 x TopK's gap")
+    ax.set_title("Second-order KL weight (seed 0, 400 steps)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
