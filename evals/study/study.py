@@ -746,7 +746,8 @@ def second_order_step_measure(model, splits, bos: int, folder: Path, path: Path)
     plan, special = parse_hook(HOOK), torch.tensor([bos])
 
     def grad(loss: torch.Tensor) -> torch.Tensor:
-        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+        gradients = torch.autograd.grad(loss, params, retain_graph=True)
+        return torch.cat([g.flatten() for g in gradients])
 
     t0 = time.perf_counter()
     fisher = hook_fisher(model, HOOK, splits.train[:32], special_ids=special, samples=2, seed=0)
