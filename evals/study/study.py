@@ -849,7 +849,7 @@ def finetune_tables(out: Path, settings: dict) -> str:
         table.index = [i.removeprefix("local_") for i in table.index]
         table["architecture"] = [i.rsplit("_s", 1)[0] for i in table.index]
         text = table.to_markdown(floatfmt=".4g")
-    lines = [f"## Fine-tune goal ({FINETUNE_GOAL})", ""]
+    lines = [f"## Goal ({FINETUNE_GOAL})", ""]
     gaps = {}
     for arch in ("causal", "topk", "topkequal"):
         rows = table[table.architecture == arch]
