@@ -43,13 +43,13 @@ from typing_extensions import override
 
 ARCHITECTURE = "causal"
 ACTIVATIONS = ("relu", "topk", "batchtopk")
+Activation = Literal["relu", "topk", "batchtopk"]
 DEFAULT_LAMBDA_KL = {"fisher": 1000.0, "exact": 1.0}
 """``lambda_kl`` when the config leaves it unset, per ``kl_estimator``. ``fisher``: the weight
 that met the CE-loss goal of ``evals/REPORT.md`` with the least reconstruction paid (chosen on
 validation sequences of Gemma 3 270M, layer 6; the weight trades nats of output KL against the
 SAE's MSE in its normalised training units, so another model or hook may want another).
 ``exact``: 1, as the exact term's earlier studies ran it."""
-Activation = Literal["relu", "topk", "batchtopk"]
 
 INFERENCE_CONFIGS: dict[str, type[SAEConfig]] = {
     "topk": TopKSAEConfig,
@@ -100,8 +100,9 @@ class CausalTrainingSAEConfig(TopKTrainingSAEConfig):
 
     The KL defaults (second-order form, weight 1000, every step) are, of the settings
     ``evals/REPORT.md`` measured, the one that cut TopK's CE-loss gap the most at 1.2x TopK's
-    cost (it pays in explained variance, as output-aware SAEs do); the exact fine-tune phase (``kl_estimator="exact"``,
-    ``kl_finetune_fraction``, ``kl_every=1``, ``kl_batch_size`` x context >= 4,096 tokens) is
+    cost (it pays in explained variance, as output-aware SAEs do); the exact fine-tune phase
+    (``kl_estimator="exact"``, ``kl_finetune_fraction``, ``kl_every=1``, ``kl_batch_size`` x
+    context >= 4,096 tokens) is
     the term at the scale output-aware SAEs use, worth its cost where the model is cheap to run
     (a GPU; ``examples/train_gpu.py``).
 

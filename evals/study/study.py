@@ -384,6 +384,12 @@ HELD_OUT_SEQUENCES = 64
 """Held-out sequences whose KL gradient the KL step's gradient is compared with."""
 
 
+def flat_grad(loss: torch.Tensor, params: list, retain_graph: bool = False) -> torch.Tensor:
+    """The gradient of ``loss`` with respect to ``params``, flattened into one vector."""
+    gradients = torch.autograd.grad(loss, params, retain_graph=retain_graph)
+    return torch.cat([g.flatten() for g in gradients])
+
+
 def kl_step_measure(model, splits, bos: int, folder: Path, path: Path) -> dict:
     """One KL step of the fine-tune (32 sequences, every position) at a trained TopK SAE:
     seconds for value + gradient in float32 and bfloat16, their agreement, and the step
@@ -404,8 +410,7 @@ def kl_step_measure(model, splits, bos: int, folder: Path, path: Path) -> dict:
     def grad(tokens, dtype=None) -> tuple[float, torch.Tensor, float]:
         t0 = time.perf_counter()
         kl = spliced_kl(model, plan, sae, tokens, special, compute_dtype=dtype)
-        g = torch.cat([x.flatten() for x in torch.autograd.grad(kl, params)])
-        return kl.item(), g, time.perf_counter() - t0
+        return kl.item(), flat_grad(kl, params), time.perf_counter() - t0
 
     def cos(a, b) -> float:
         return cosine_similarity(a, b, dim=0).item()
@@ -745,10 +750,6 @@ def second_order_step_measure(model, splits, bos: int, folder: Path, path: Path)
     params = [p for p in sae.parameters() if p.requires_grad]
     plan, special = parse_hook(HOOK), torch.tensor([bos])
 
-    def grad(loss: torch.Tensor) -> torch.Tensor:
-        gradients = torch.autograd.grad(loss, params, retain_graph=True)
-        return torch.cat([g.flatten() for g in gradients])
-
     t0 = time.perf_counter()
     fisher = hook_fisher(model, HOOK, splits.train[:32], special_ids=special, samples=2, seed=0)
     fisher_seconds = time.perf_counter() - t0
@@ -758,8 +759,12 @@ def second_order_step_measure(model, splits, bos: int, folder: Path, path: Path)
     scale = x.shape[-1] ** 0.5 / x.norm(dim=-1).mean()  # SAELens's expected_average_only_in
     error = sae(x) - x
     mse = (scale**2 * error.pow(2).sum(-1)).mean()
-    g_mse, g_fisher = grad(mse), grad(fisher_kl(error, fisher))
-    held = grad(spliced_kl(model, plan, sae, splits.eval[:HELD_OUT_SEQUENCES], special))
+    # both terms share the SAE's forward pass: keep its graph for the second gradient
+    g_mse = flat_grad(mse, params, retain_graph=True)
+    g_fisher = flat_grad(fisher_kl(error, fisher), params)
+    held = flat_grad(
+        spliced_kl(model, plan, sae, splits.eval[:HELD_OUT_SEQUENCES], special), params
+    )
 
     def cos(g: torch.Tensor) -> float:
         return cosine_similarity(g, held, dim=0).item()
